@@ -1,0 +1,1 @@
+"""Tractable reference models (``log p(x)`` known exactly) and hypothesis strategies."""

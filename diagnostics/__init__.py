@@ -1,0 +1,2 @@
+"""Diagnostics built on the estimators: where the bound goes, and why likelihood and
+generation quality disagree."""

@@ -1,0 +1,1 @@
+"""Likelihood estimators on the ``colaprob.protocol.LatentModel`` interface."""

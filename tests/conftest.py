@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests draw models and run ODE solves: allow slow examples, keep the count modest,
+# and derandomize so CI is reproducible.
+settings.register_profile(
+    "default",
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def fixture_dirs() -> list[Path]:
+    """Official-format fixture folders: $COLAPROB_FIXTURES (os.pathsep-separated) or the
+    shared default."""
+    env = os.environ.get("COLAPROB_FIXTURES")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return [SHARED / "fixtures" / "official-tiny-a"]
