@@ -1,0 +1,5 @@
+import sys
+
+from colaprob.cli import main
+
+sys.exit(main())

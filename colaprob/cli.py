@@ -1,0 +1,78 @@
+"""The ``colaprob`` command line: one entry point, one module per subcommand.
+
+Each subcommand lives in ``colaprob/commands/<name>.py`` and defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
+command runs, so ``colaprob --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from colaprob.errors import ColaprobError
+
+COMMANDS = {
+    "score": "colaprob.commands.score",
+    "decompose": "colaprob.commands.decompose",
+    "probe": "colaprob.commands.probe",
+    "viz": "colaprob.commands.viz",
+    "generate": "colaprob.commands.generate",
+    "train": "colaprob.commands.train",
+    "inspect": "colaprob.commands.inspect",
+    "demo": "colaprob.commands.demo",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit with status 2 and one line (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="colaprob", description=__doc__.splitlines()[0])
+    from colaprob import __version__
+
+    parser.add_argument("--version", action="version", version=f"colaprob {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # Import only the module of the command being run; list the others by name.
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    for name, module_name in COMMANDS.items():
+        if wanted is not None and name != wanted:
+            sub.add_parser(name)
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            sub.add_parser(name, help="(not available in this build)")
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ColaprobError as err:
+        print(f"colaprob: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("colaprob: interrupted; finished work is saved and a rerun resumes it", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

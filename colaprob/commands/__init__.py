@@ -1,0 +1,1 @@
+"""One module per ``colaprob`` subcommand (see ``colaprob.cli``)."""
