@@ -1,0 +1,218 @@
+"""Results on disk: NetCDF files (xarray, ``h5netcdf`` engine) with provenance, written atomically.
+
+Every file colaprob writes is an ``xarray.Dataset`` with named dimensions (``sequence``,
+``token``, ``block``, ``sample``, ...) and attributes that say where its numbers come from:
+the model and its configuration hash, the estimator and solver settings, the seed, the
+versions of colaprob, torch, torchdiffeq, xarray and Python, and the UTC time of writing.
+
+NetCDF attributes can only be strings, numbers or arrays of numbers. ``netcdf_attrs`` states
+the one rule used everywhere: integers and floats are stored as they are, strings as they
+are, and anything else (booleans, ``None``, lists, nested settings) as its JSON text, so
+``read_settings`` can turn the attributes back into the settings they came from.
+
+A write never leaves half a file behind: the dataset goes to a temporary file in the same
+folder, is flushed to disk, and replaces the target in one ``os.replace``; an error or
+Ctrl-C on the way removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from colaprob.errors import ColaprobError
+
+ENGINE = "h5netcdf"
+TEMP_MARK = ".tmp-"
+"""Temporary files are named ``.<target name>.tmp-<random>``; a run may delete stale ones."""
+
+VERSIONED_PACKAGES = ("colaprob", "torch", "torchdiffeq", "xarray")
+INT64 = np.iinfo(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes
+
+
+def netcdf_attrs(settings: Mapping) -> dict:
+    """Settings as NetCDF attributes: numbers and strings as they are, anything else as JSON."""
+    return {str(key): _attr_value(value) for key, value in settings.items()}
+
+
+def _attr_value(value):
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, np.integer)) and INT64.min <= value <= INT64.max:
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        return storable_text(value)
+    return storable_text(json.dumps(value, sort_keys=True, default=str))
+
+
+def read_settings(attrs: Mapping, keys) -> dict:
+    """The inverse of ``netcdf_attrs`` for the given keys (missing keys are left out)."""
+    settings = {}
+    for key in keys:
+        if key not in attrs:
+            continue
+        value = attrs[key]
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, str):
+            try:
+                decoded = json.loads(value)
+            except ValueError:
+                decoded = value
+            # Only containers, booleans and null were JSON-encoded; a string such as "3"
+            # stays a string.
+            value = decoded if isinstance(decoded, (bool, list, dict)) or decoded is None else value
+        settings[key] = value
+    return settings
+
+
+def storable_text(text: str) -> str:
+    """``text`` as HDF5 can store it: NUL characters (which HDF5 strings cannot hold) shown
+    as U+2400 '␀', lone surrogates (from JSON escapes) as '?'."""
+    return text.replace("\x00", "\u2400").encode("utf-8", "replace").decode("utf-8")
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[f"{name}_version"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[f"{name}_version"] = "not installed"
+    versions["python_version"] = platform.python_version()
+    return versions
+
+
+def provenance(settings: Mapping) -> dict:
+    """The attributes every colaprob file carries: ``settings`` (model, config hash,
+    estimator and solver settings, seed, ...) plus package versions and the UTC time."""
+    return {
+        **netcdf_attrs(settings),
+        **package_versions(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    path = Path(path)
+    ds = _with_storable_strings(ds)
+    fd, temp = _temp_file_next_to(path)
+    os.close(fd)
+    try:
+        ds.to_netcdf(temp, engine=ENGINE)
+        _fsync_file(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a small text file (a manifest, a summary) atomically."""
+    path = Path(path)
+    fd, temp = _temp_file_next_to(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def read_dataset(path: str | os.PathLike) -> xr.Dataset:
+    """Load a colaprob NetCDF file fully into memory (the file is closed on return)."""
+    path = Path(path)
+    try:
+        return xr.load_dataset(path, engine=ENGINE)
+    except FileNotFoundError:
+        raise ColaprobError(f"no results file at {path}.") from None
+    except (OSError, ValueError) as err:
+        raise ColaprobError(f"{path} is not a readable NetCDF file ({_first_line(err)}).") from None
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, before any work, if a file cannot be created at ``path``: the folder is
+    created if needed and a temporary file is made there and removed again."""
+    path = Path(path)
+    if path.is_dir():
+        raise ColaprobError(f"cannot write results to {path}: it is a folder; give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = _temp_file_next_to(path)
+        os.close(fd)
+        os.unlink(temp)
+    except OSError as err:
+        raise ColaprobError(f"cannot write results to {path}: {err.strerror or err}.") from None
+    return path
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete temporary files a killed process left in ``folder`` (only ours, by name)."""
+    for leftover in folder.glob(f".*{TEMP_MARK}*"):
+        leftover.unlink(missing_ok=True)
+
+
+def _temp_file_next_to(path: Path) -> tuple[int, str]:
+    # Same folder as the target, so os.replace is a rename within one file system.
+    return tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a folder.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _with_storable_strings(ds: xr.Dataset) -> xr.Dataset:
+    """String variables made storable (see ``storable_text``); other variables untouched."""
+    fixed = {
+        name: var.copy(data=np.vectorize(storable_text, otypes=[object])(var.values))
+        for name, var in ds.variables.items()
+        if var.dtype.kind in "OU" and var.size
+    }
+    return ds.assign(fixed) if fixed else ds
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,264 @@
+"""The resumable, shardable loop behind ``colaprob score`` and ``colaprob demo``.
+
+A corpus of ``n_items`` sequences is cut into batches by a fixed rule (in order,
+``batch_size`` sequences each, the last one shorter), and the numbers of a batch depend only
+on its sequences and the settings (each estimator draws its randomness from the seed and the
+sequence key). So a batch can be computed by any process at any time and give the same
+numbers, which is what makes runs resumable and shardable:
+
+* every finished batch is written as its own file, ``batch-000012.nc``, in a run folder next
+  to the output (``scores.nc`` -> ``scores.nc.run/``), atomically, so the folder only ever
+  holds whole batches; the folder's ``manifest.json`` records the settings;
+* a rerun with the same settings skips the batches already there (a batch is never lost nor
+  counted twice); a run folder or output made with other settings is refused, unless
+  ``overwrite`` starts over;
+* under ``torchrun`` batch ``i`` belongs to rank ``i % world_size``; after a barrier rank 0
+  merges the batches, in order, into the output (atomically) and removes the run folder.
+
+The merged dataset is the same whichever processes computed which batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from tqdm import tqdm
+
+from colaprob import results
+from colaprob.distributed import Context
+from colaprob.errors import ColaprobError
+
+SEQUENCE = "sequence"
+MANIFEST = "manifest.json"
+RUN_KEY = "run_key"
+"""Attribute (and manifest entry) holding the hash of the settings that made a result."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run computes: ``n_items`` sequences in batches of ``batch_size``, with
+    ``settings`` (JSON-serialisable) naming everything that determines the numbers: model
+    and its hash, input fingerprint, estimator, solver, seed."""
+
+    settings: Mapping
+    n_items: int
+    batch_size: int
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ColaprobError(f"batch size must be at least 1, got {self.batch_size}.")
+
+    @property
+    def record(self) -> dict:
+        """The settings plus the batch layout: all a rerun must agree on to resume."""
+        return {**self.settings, "n_sequences": self.n_items, "batch_size": self.batch_size}
+
+    @property
+    def key(self) -> str:
+        canonical = json.dumps(self.record, sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_items // self.batch_size)
+
+    def batch(self, index: int) -> range:
+        start = index * self.batch_size
+        return range(start, min(start + self.batch_size, self.n_items))
+
+
+def run_folder(output: Path) -> Path:
+    return output.with_name(output.name + ".run")
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"batch-{index:06d}.nc"
+
+
+def run(
+    plan: Plan,
+    score_batch: Callable[[range], xr.Dataset],
+    output: str | Path,
+    *,
+    ctx: Context = Context(),
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> xr.Dataset | None:
+    """Compute every batch of ``plan`` not already done, then merge them into ``output``.
+
+    ``score_batch(items)`` returns the dataset of the sequences ``items`` (a ``range`` of
+    corpus positions), with a ``sequence`` dimension of that length; its ``sequence``
+    coordinate is set here to the corpus positions. Returns the merged dataset on rank 0
+    and ``None`` on the other ranks. An ``output`` already holding this run's result is
+    read back, not recomputed.
+    """
+    output = Path(output)
+    folder = run_folder(output)
+    # Every rank checks (read-only, before anyone writes), so all of them refuse together.
+    if not overwrite:
+        if _finished(output, plan):
+            return results.read_dataset(output) if ctx.is_main else None
+        _refuse_other_run(output, folder, plan)
+    ctx.barrier()
+    if ctx.is_main:
+        _prepare_folder(output, folder, plan, overwrite)
+    ctx.barrier()
+
+    _compute_my_batches(plan, score_batch, folder, ctx, progress, desc)
+    ctx.barrier()
+    merged = None
+    if ctx.is_main:
+        merged = _merge(plan, folder)
+        results.write_dataset(merged, output)
+        shutil.rmtree(folder)
+    ctx.barrier()
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and preparing the run folder
+
+
+def _finished(output: Path, plan: Plan) -> bool:
+    if not output.exists():
+        return False
+    attrs = _attrs_of(output)
+    return attrs is not None and attrs.get(RUN_KEY) == plan.key
+
+
+def _refuse_other_run(output: Path, folder: Path, plan: Plan) -> None:
+    if output.exists():
+        attrs = _attrs_of(output)
+        if attrs is None or RUN_KEY not in attrs:
+            raise ColaprobError(
+                f"{output} already exists and was not written by a colaprob run; "
+                "pass --overwrite to replace it or choose another --output."
+            )
+        theirs = results.read_settings(attrs, plan.record)
+        raise ColaprobError(
+            f"{output} holds results of a different run ({_difference(theirs, plan.record)}); "
+            "pass --overwrite to replace it or choose another --output."
+        )
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        recorded = _read_manifest(manifest)
+        if recorded.get(RUN_KEY) != plan.key:
+            raise ColaprobError(
+                f"{folder} holds an unfinished run with different settings "
+                f"({_difference(recorded.get('settings', {}), plan.record)}); rerun with the same "
+                "settings to resume it, or pass --overwrite to start over."
+            )
+    elif folder.exists() and any(folder.iterdir()):
+        raise ColaprobError(
+            f"{folder} exists but is not a colaprob run folder; remove it, pass --overwrite, "
+            "or choose another --output."
+        )
+
+
+def _prepare_folder(output: Path, folder: Path, plan: Plan, overwrite: bool) -> None:
+    if overwrite:
+        output.unlink(missing_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    results.remove_stale_temp_files(folder)
+    manifest = {RUN_KEY: plan.key, "settings": plan.record}
+    results.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", folder / MANIFEST)
+
+
+def _attrs_of(path: Path) -> dict | None:
+    try:
+        with xr.open_dataset(path, engine=results.ENGINE) as ds:
+            return dict(ds.attrs)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ColaprobError(f"{path} is unreadable; remove its folder or pass --overwrite.") from None
+
+
+def _difference(theirs: Mapping, ours: Mapping, limit: int = 3) -> str:
+    """The first few settings that differ, as ``name: theirs there, ours now``."""
+    names = [k for k in sorted(set(theirs) | set(ours)) if _normal(theirs.get(k)) != _normal(ours.get(k))]
+    shown = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return "; ".join(shown) + more if shown else "its settings hash differs"
+
+
+def _normal(value):
+    # Settings read back from NetCDF attributes are numbers, strings or decoded JSON.
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing and merging
+
+
+def _compute_my_batches(plan, score_batch, folder, ctx, progress, desc) -> None:
+    mine = [i for i in range(plan.n_batches) if ctx.owns(i)]
+    todo = [i for i in mine if not shard_path(folder, i).exists()]
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        desc=desc,
+        unit="batch",
+        file=sys.stderr,
+        disable=not (progress and ctx.is_main),
+        dynamic_ncols=True,
+    )
+    with bar:
+        for index in todo:
+            items = plan.batch(index)
+            ds = score_batch(items)
+            if ds.sizes.get(SEQUENCE) != len(items):
+                raise AssertionError(f"batch {index}: expected {len(items)} sequences, got {ds.sizes.get(SEQUENCE)}")
+            ds = ds.assign_coords({SEQUENCE: np.arange(items.start, items.stop)})
+            results.write_dataset(ds, shard_path(folder, index))
+            bar.update(1)
+
+
+def _merge(plan: Plan, folder: Path) -> xr.Dataset:
+    missing = [i for i in range(plan.n_batches) if not shard_path(folder, i).exists()]
+    if missing:
+        raise ColaprobError(f"{folder} lacks batches {missing[:5]}; rerun the same command to compute them.")
+    parts = [results.read_dataset(shard_path(folder, i)) for i in range(plan.n_batches)]
+    merged = concat_sequences(parts)
+    merged.attrs = {**_common_attrs(parts), **results.provenance(plan.record), RUN_KEY: plan.key}
+    return merged
+
+
+def concat_sequences(parts: list[xr.Dataset]) -> xr.Dataset:
+    """Concatenate datasets along ``sequence``; other dimensions that differ in length
+    between them (``token``, ``block``, ...) are padded at the end: NaN for floats, -1 for
+    integers, False for booleans, "" for strings."""
+    ragged = {dim for ds in parts for dim in ds.dims if dim != SEQUENCE and len({p.sizes.get(dim) for p in parts}) > 1}
+    # Dimensions without a coordinate get a temporary 0..n-1 one, so an outer join pads them.
+    unlabeled = {dim for dim in ragged if not any(dim in p.indexes for p in parts)}
+    parts = [p.assign_coords({dim: np.arange(p.sizes[dim]) for dim in unlabeled if dim in p.dims}) for p in parts]
+    fills = {name: _fill_value(var.dtype) for p in parts for name, var in p.variables.items()}
+    parts = xr.align(*parts, join="outer", exclude=[SEQUENCE], fill_value=fills)
+    merged = xr.concat(parts, dim=SEQUENCE, data_vars="all", coords="different", compat="equals", join="outer")
+    return merged.drop_vars(unlabeled)
+
+
+def _fill_value(dtype: np.dtype):
+    return {"f": np.nan, "c": np.nan, "i": -1, "u": 0, "b": False}.get(dtype.kind, "")
+
+
+def _common_attrs(parts: list[xr.Dataset]) -> dict:
+    """Attributes every batch agrees on (estimator settings); per-batch ones are dropped."""
+    first = parts[0].attrs
+    return {k: v for k, v in first.items() if all(_normal(p.attrs.get(k)) == _normal(v) for p in parts[1:])}
