@@ -3,3 +3,8 @@ models (Cola DLM first). See the README for the tour and ``colaprob.protocol`` f
 interface the estimators work on."""
 
 __version__ = "0.1.0"
+
+from colaprob.checkpoint import load, save  # noqa: E402
+from colaprob.model import ColaModel  # noqa: E402
+
+__all__ = ["ColaModel", "load", "save", "__version__"]

@@ -1,0 +1,340 @@
+"""Checkpoints: the official HuggingFace layout, read and written with ``safetensors`` only.
+
+A checkpoint root holds::
+
+    cola_dlm/cola_vae/  config.json  model.safetensors   (or model-0000k-of-0000n.safetensors
+    cola_dlm/cola_dit/  config.json  model.safetensors    + model.safetensors.index.json)
+    tokenizer.json
+    colaprob.json       optional, colaprob's own options:
+                        {"framing": {"bos_id", "eos_id", "pad_id", "max_tokens"},
+                         "decoder_space": "vae" | "dit", "info": {...free-form...}}
+
+A root that holds ``cola_vae/`` and ``cola_dit/`` directly is accepted too. ``"tiny"`` names
+the embedded model shipped in the package (``colaprob/tiny/``). Weights stored as F32, BF16 or
+F16 are read as float32. Nothing is ever unpickled: ``.bin`` / ``.pt`` files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from colaprob.config import DiTConfig, VAEConfig
+from colaprob.dit import DiT
+from colaprob.errors import ColaprobError
+from colaprob.model import DECODER_SPACES, ColaModel
+from colaprob.tokenizer import Framing, Tokenizer
+from colaprob.vae import TextVAE
+
+TINY = Path(__file__).resolve().parent / "tiny"
+PARTS = {"vae": ("cola_vae", VAEConfig, TextVAE), "dit": ("cola_dit", DiTConfig, DiT)}
+READABLE_DTYPES = {"F32", "BF16", "F16"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+OPTIONS_FILE = "colaprob.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve(path_or_name: str | Path) -> Path:
+    """The checkpoint root of a path, or of ``"tiny"`` (the embedded model)."""
+    if str(path_or_name) == "tiny":
+        if not TINY.is_dir():
+            raise ColaprobError(f"the embedded model is not built yet: {TINY} does not exist (the trainer, colaprob train, writes it).")
+        return TINY
+    root = Path(path_or_name).expanduser()
+    if not root.exists():
+        raise ColaprobError(f"{root} does not exist.")
+    if not root.is_dir():
+        raise ColaprobError(f"{root} is a file; give the checkpoint folder that holds cola_dlm/ and tokenizer.json.")
+    return root
+
+
+def part_folders(root: Path) -> dict[str, Path]:
+    """``{"vae": .../cola_vae, "dit": .../cola_dit}`` under ``root/cola_dlm`` or ``root``."""
+    for base in (root / "cola_dlm", root):
+        if (base / "cola_vae").is_dir() or (base / "cola_dit").is_dir():
+            folders = {part: base / name for part, (name, _, _) in PARTS.items()}
+            for folder in folders.values():
+                if not folder.is_dir():
+                    raise ColaprobError(f"{folder} does not exist; a checkpoint needs both cola_vae/ and cola_dit/.")
+            return folders
+    raise ColaprobError(f"{root} holds neither cola_dlm/cola_vae/ nor cola_vae/, so it is not a Cola DLM checkpoint.")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ColaprobError(f"{path} does not exist.")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ColaprobError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(d, dict):
+        raise ColaprobError(f"{path} does not hold a JSON object.")
+    return d
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Which safetensors file holds each tensor: ``model.safetensors`` or the shards named by
+    ``model.safetensors.index.json``. Pickle-based files are refused without being opened."""
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ColaprobError(f"{index} has no weight_map.")
+        files = {key: folder / str(name) for key, name in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise ColaprobError(f"{path} is listed in {index.name} but does not exist.")
+        return files
+    if single.is_file():
+        with _open(single) as handle:
+            return {key: single for key in handle.keys()}
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ColaprobError(
+            f"{folder / pickles[0]} is a pickle-based PyTorch file, which colaprob never opens (it can run code); "
+            "convert it to model.safetensors."
+        )
+    raise ColaprobError(f"{single} does not exist.")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ColaprobError(f"{path} is not a readable safetensors file ({err}).") from None
+
+
+def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:
+    """``{key: (shape, dtype)}`` from the safetensors headers alone."""
+    out = {}
+    for path in sorted(set(files.values())):
+        with _open(path) as handle:
+            for key in handle.keys():
+                if files.get(key) == path:
+                    piece = handle.get_slice(key)
+                    out[key] = (list(piece.get_shape()), piece.get_dtype())
+    for key, path in files.items():
+        if key not in out:
+            raise ColaprobError(f"{path} does not hold {key}, which the index says it does.")
+    return out
+
+
+def expected_shapes(part: str, config) -> dict[str, list[int]]:
+    """State-dict shapes of the network a config describes (built without memory)."""
+    with torch.device("meta"):
+        module = PARTS[part][2](config)
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def mismatches(folder: Path, stored: dict, expected: dict) -> list[str]:
+    """Sentences naming every missing, unexpected or wrongly shaped tensor (and bad dtypes)."""
+    where = folder / "model.safetensors"
+    problems = []
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    if missing:
+        problems.append(f"{where} lacks {len(missing)} tensor(s) the config needs: {', '.join(missing[:5])}.")
+    if unexpected:
+        problems.append(f"{where} has {len(unexpected)} tensor(s) the config does not describe: {', '.join(unexpected[:5])}.")
+    for key, (shape, dtype) in stored.items():
+        if key in expected and shape != expected[key]:
+            problems.append(f"{where} stores {key} with shape {shape} where the config needs {expected[key]}.")
+        if dtype not in READABLE_DTYPES:
+            problems.append(f"{where} stores {key} as {dtype}; only F32, BF16 and F16 weights are read.")
+    return problems
+
+
+def pieces_problems(vae_config: VAEConfig, dit_config: DiTConfig, tokenizer: Tokenizer, folders: dict) -> list[str]:
+    """Inconsistencies between the VAE, the DiT and the tokenizer."""
+    problems = []
+    for name in ("txt_in_channels", "txt_out_channels"):
+        if getattr(dit_config, name) != vae_config.latent_dim:
+            problems.append(
+                f"{folders['dit'] / 'config.json'} sets {name} {getattr(dit_config, name)}, "
+                f"but the VAE latent_dim is {vae_config.latent_dim}."
+            )
+    if tokenizer.vocab_size > vae_config.vocab_size:
+        problems.append(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the VAE vocab_size {vae_config.vocab_size} "
+            f"in {folders['vae'] / 'config.json'}."
+        )
+    return problems
+
+
+def read_options(root: Path) -> dict:
+    """``colaprob.json`` (empty when absent), checked."""
+    path = root / OPTIONS_FILE
+    if not path.exists():
+        return {}
+    options = read_json(path)
+    unknown = sorted(set(options) - {"framing", "decoder_space", "info"})
+    if unknown:
+        raise ColaprobError(f"{path} has unknown entries {unknown}; it may hold framing, decoder_space and info.")
+    if options.get("decoder_space", "vae") not in DECODER_SPACES:
+        raise ColaprobError(f"{path} sets decoder_space to {options['decoder_space']!r}, but it must be 'vae' or 'dit'.")
+    if "framing" in options:
+        options["framing"] = Framing.from_dict(options["framing"], str(path))
+    return options
+
+
+# ----------------------------------------------------------------------------------------------
+# load / save / describe
+# ----------------------------------------------------------------------------------------------
+
+
+def load(path_or_name: str | Path, *, decoder_space: str | None = None) -> ColaModel:
+    """Load a checkpoint folder (official layout or one ``save`` wrote) as a float32
+    ``ColaModel`` on the CPU; ``decoder_space`` overrides the checkpoint's option."""
+    root = resolve(path_or_name)
+    folders = part_folders(root)
+    configs, state = {}, {}
+    for part, folder in folders.items():
+        cls = PARTS[part][1]
+        configs[part] = cls.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
+        files = weight_files(folder)
+        problems = mismatches(folder, stored_shapes(files), expected_shapes(part, configs[part]))
+        if problems:
+            raise ColaprobError(problems[0])
+        state.update({f"{part}.{k}": v for k, v in read_tensors(files).items()})
+    tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+    problems = pieces_problems(configs["vae"], configs["dit"], tokenizer, folders)
+    if problems:
+        raise ColaprobError(problems[0])
+    options = read_options(root)
+    if decoder_space is not None:
+        options["decoder_space"] = decoder_space
+    with torch.device("meta"):  # no random initialisation: the weights come from the files
+        model = ColaModel(configs["vae"], configs["dit"], tokenizer, **options)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    """The tensors, upcast to float32, refusing NaN and infinities."""
+    tensors = {}
+    for path in sorted(set(files.values())):
+        with _open(path) as handle:
+            for key in handle.keys():
+                if files[key] != path:
+                    continue
+                try:
+                    tensor = handle.get_tensor(key).to(torch.float32)
+                except (SafetensorError, OSError) as err:
+                    raise ColaprobError(f"{path} is corrupt: {key} cannot be read ({err}).") from None
+                if not torch.isfinite(tensor).all():
+                    raise ColaprobError(f"{path} holds NaN or infinite values in {key}.")
+                tensors[key] = tensor
+    return tensors
+
+
+def save(model: ColaModel, path: str | Path) -> Path:
+    """Write ``model`` in the official layout plus ``colaprob.json``, float32 weights.
+
+    The folder is written next to its destination and renamed into place, so an interrupted
+    save never leaves a half-written checkpoint; an existing checkpoint there is replaced, any
+    other existing non-empty folder is refused. Loading it back gives bit-identical weights.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "cola_dlm").is_dir())):
+        raise ColaprobError(f"{path} exists and is not a Cola DLM checkpoint, so it is not overwritten.")
+    try:
+        options = json.dumps({"framing": model.framing.to_dict(), "decoder_space": model.decoder_space, "info": model.info}, indent=2)
+    except TypeError as err:
+        raise ColaprobError(f"the model's info cannot be written to {OPTIONS_FILE} ({err}).") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for part, module in (("vae", model.vae), ("dit", model.dit)):
+            folder = tmp / "cola_dlm" / PARTS[part][0]
+            folder.mkdir(parents=True)
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
+            save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            (folder / "config.json").write_text(json.dumps(module.config.to_dict(), indent=2) + "\n")
+        model.tokenizer.save(tmp / "tokenizer.json")
+        (tmp / OPTIONS_FILE).write_text(options + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def inspect_checkpoint(path_or_name: str | Path) -> dict:
+    """What ``colaprob inspect`` reports, as data: configs, parameter counts per part, stored
+    dtypes, options, and every problem found (as warnings; only a checkpoint whose files cannot
+    be found or parsed at all raises)."""
+    root = resolve(path_or_name)
+    folders = part_folders(root)
+    report = {"path": str(root), "configs": {}, "parameters": {}, "dtypes": [], "warnings": []}
+    configs = {}
+    for part, folder in folders.items():
+        cls = PARTS[part][1]
+        raw = read_json(folder / "config.json")
+        report["configs"][part] = raw
+        for key in cls.unknown_keys(raw):
+            report["warnings"].append(f"{folder / 'config.json'} has the unknown key {key!r}, which is ignored.")
+        try:
+            configs[part] = cls.from_dict(raw, str(folder / "config.json"))
+        except ColaprobError as err:
+            report["warnings"].append(str(err))
+        try:
+            stored = stored_shapes(weight_files(folder))
+        except ColaprobError as err:
+            report["warnings"].append(str(err))
+            continue
+        report["dtypes"] = sorted(set(report["dtypes"]) | {dtype for _, dtype in stored.values()})
+        for key, (shape, _) in stored.items():
+            group = key.split(".")[0] if part == "vae" else "dit"
+            report["parameters"][group] = report["parameters"].get(group, 0) + int(torch.Size(shape).numel())
+        if part in configs:
+            report["warnings"] += mismatches(folder, stored, expected_shapes(part, configs[part]))
+    try:
+        tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+        report["tokenizer_vocab_size"] = tokenizer.vocab_size
+        if len(configs) == 2:
+            report["warnings"] += pieces_problems(configs["vae"], configs["dit"], tokenizer, folders)
+        options = read_options(root)
+        framing = options.get("framing") or Framing.official(tokenizer)
+        report["framing"] = framing.to_dict()
+        report["decoder_space"] = options.get("decoder_space", "vae")
+        report["info"] = options.get("info", {})
+    except ColaprobError as err:
+        report["warnings"].append(str(err))
+    return report
+
+
+def describe(path_or_name: str | Path) -> str:
+    """``inspect_checkpoint`` as text for a terminal."""
+    r = inspect_checkpoint(path_or_name)
+    lines = [f"checkpoint {r['path']}"]
+    for part, raw in r["configs"].items():
+        fields = ", ".join(f"{k}={v}" for k, v in sorted(raw.items()) if k not in ("architectures", "transformers_version"))
+        lines.append(f"{part} config: {fields}")
+    counts = r["parameters"]
+    lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" (total {sum(counts.values()):,})")
+    lines.append(f"stored dtypes: {', '.join(r['dtypes']) or 'none'}")
+    if "tokenizer_vocab_size" in r:
+        lines.append(f"tokenizer: {r['tokenizer_vocab_size']} tokens")
+    if "framing" in r:
+        lines.append(f"framing: {r['framing']}; decoder space: {r['decoder_space']}")
+    if r.get("info"):
+        lines.append(f"info: {json.dumps(r['info'])}")
+    lines += [f"warning: {w}" for w in r["warnings"]] or ["no inconsistencies found"]
+    return "\n".join(lines)

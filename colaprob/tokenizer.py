@@ -1,0 +1,161 @@
+"""Tokenizers and framing: how a text becomes the token sequence whose probability is computed.
+
+``Tokenizer`` wraps a HuggingFace ``tokenizers`` tokenizer (``tokenizer.json``: OLMo 2 BPE for
+the official checkpoint). ``byte_level_tokenizer()`` builds the tokenizer of models trained
+here: one token per UTF-8 byte (any text round-trips exactly), then ``<|endoftext|>``, then
+``<|pad|>`` as the last id, like OLMo 2.
+
+A text is *framed* (see the README, "Units and which tokens count"): ``[bos] + tokens(text) +
+[eos]``, right-padded with ``pad`` to a whole number of prior blocks (``patch_size *
+dit.block_size`` tokens). Every framed position counts in ``log p``; nats/token divides by the
+text's tokens plus one (the eos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tokenizers
+import torch
+from tokenizers import decoders, models, pre_tokenizers
+
+from colaprob.errors import ColaprobError
+from colaprob.protocol import TokenBatch
+
+END_OF_TEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+STOP = "\u25a0"  # "■": the padding / stop token of the official training scripts
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with the few methods colaprob uses."""
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        self.backend = backend
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise ColaprobError(f"{path} does not exist; a checkpoint needs its tokenizer.json.")
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as err:  # the Rust library raises a bare Exception
+            raise ColaprobError(f"{path} is not a valid tokenizers JSON file ({err}).") from None
+
+    def save(self, path: str | Path) -> None:
+        self.backend.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without any special token a template might add (framing adds
+        its own)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _byte_chars() -> list[str]:
+    """The printable character that stands for each byte in byte-level BPE (GPT-2 convention):
+    printable Latin-1 bytes stand for themselves, the others for ``chr(256 + n)``."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """Ids 0..255 = the bytes of the UTF-8 text, 256 = ``<|endoftext|>``, 257 = ``<|pad|>``."""
+    vocab = {char: b for b, char in enumerate(_byte_chars())}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([END_OF_TEXT, PAD])
+    return Tokenizer(backend)
+
+
+@dataclass
+class Framing:
+    """How texts are framed: ``bos_id`` first (None: nothing), ``eos_id`` last (None:
+    nothing), then ``pad_id`` up to a block multiple; a framed text longer than
+    ``max_tokens`` (None: no limit) is refused."""
+
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int
+    max_tokens: int | None = None
+
+    @classmethod
+    def official(cls, tokenizer: Tokenizer) -> "Framing":
+        """The framing of the official training: ``<|endoftext|>`` before and after every
+        document, padding with the STOP token "■" (or ``<|pad|>`` where "■" is not one token)."""
+        eos = tokenizer.token_to_id(END_OF_TEXT)
+        if eos is None:
+            raise ColaprobError(f"the tokenizer has no {END_OF_TEXT} token, so the checkpoint needs a colaprob.json with its framing.")
+        stop = tokenizer.encode(STOP)
+        pad = stop[0] if len(stop) == 1 else tokenizer.token_to_id(PAD)
+        if pad is None:
+            raise ColaprobError(f"the tokenizer has neither a single-token {STOP!r} nor {PAD}, so the checkpoint needs a colaprob.json with its framing.")
+        return cls(bos_id=eos, eos_id=eos, pad_id=pad)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> "Framing":
+        try:
+            framing = cls(**d)
+        except TypeError:
+            raise ColaprobError(f"{source} has a framing entry that is not {{bos_id, eos_id, pad_id, max_tokens}}.") from None
+        for name, value in asdict(framing).items():
+            if not (value is None and name != "pad_id") and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ColaprobError(f"{source} sets framing {name} to {value!r}, which is not a token id or count.")
+        return framing
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: int) -> TokenBatch:
+    """Frame ``texts`` (see the module docstring) into a right-padded ``TokenBatch``;
+    ``multiple``: the framed length is a multiple of it (``patch_size * dit.block_size``)."""
+    if isinstance(texts, str):
+        raise ColaprobError("frame() takes a list of texts, not a single string.")
+    rows, n_tokens = [], []
+    for i, tokens in enumerate(tokenizer.encode_batch(texts)):
+        ids = ([framing.bos_id] if framing.bos_id is not None else []) + tokens
+        ids += [framing.eos_id] if framing.eos_id is not None else []
+        ids += [framing.pad_id] * (-len(ids) % multiple)
+        if framing.max_tokens is not None and len(ids) > framing.max_tokens:
+            raise ColaprobError(
+                f"text {i} is {len(ids)} tokens long once framed, more than this model's limit of "
+                f"{framing.max_tokens}; the CLI can split long documents into pieces that fit."
+            )
+        rows.append(ids)
+        n_tokens.append(len(tokens) + (framing.eos_id is not None))
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), framing.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return TokenBatch(
+        ids=ids,
+        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
+        n_tokens=torch.tensor(n_tokens, dtype=torch.long),
+        n_bytes=torch.tensor([len(t.encode("utf-8")) for t in texts], dtype=torch.long),
+        n_words=torch.tensor([len(t.split()) for t in texts], dtype=torch.long),
+        texts=list(texts),
+    )
