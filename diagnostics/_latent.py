@@ -1,0 +1,148 @@
+"""Shared bookkeeping of the diagnostics: which tokens, latent positions and prior blocks of a
+batch count, and the block-causal prior's conditional densities on the posterior's space.
+
+Shapes as in ``colaprob.protocol``: ``B`` sequences, ``N`` tokens, ``L = N / P`` latent
+positions, ``d`` channels, ``n_blocks = L / block_size`` prior blocks; ``...`` leading sample
+dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from colaprob.estimators import cnf
+from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, latent_log_jacobian, to_prior_space
+
+
+def chunks(n: int, size: int, desc: str):
+    """Consecutive slices of ``range(n)`` of at most ``size`` items, with a tqdm progress bar
+    (shown only when there is more than one chunk)."""
+    starts = range(0, n, size)
+    for start in tqdm(starts, desc=desc, unit="chunk", disable=len(starts) < 2):
+        yield slice(start, min(start + size, n))
+
+
+def tokens_per_block(model: LatentModel) -> int:
+    """Tokens described by one prior block: ``patch_size * block_size``."""
+    return model.patch_size * model.block_size
+
+
+def token_mask(batch: TokenBatch) -> Tensor:
+    """[B, N] bool: the positions ``< lengths`` that count (see ``TokenBatch``)."""
+    n = batch.ids.shape[-1]
+    return torch.arange(n) < batch.lengths[:, None]
+
+
+def block_counts(model: LatentModel, batch: TokenBatch) -> Tensor:
+    """[B] long: prior blocks per sequence. ``lengths`` includes the padding to whole blocks,
+    so this is an exact division for framed batches (rounded up otherwise)."""
+    per = tokens_per_block(model)
+    return (batch.lengths + per - 1) // per
+
+
+def latent_lengths(model: LatentModel, batch: TokenBatch) -> Tensor:
+    """[B] long: latent positions per sequence, whole prior blocks."""
+    return block_counts(model, batch) * model.block_size
+
+
+def block_mask(model: LatentModel, batch: TokenBatch, n_blocks: int) -> Tensor:
+    """[B, n_blocks] bool: the prior blocks that belong to each sequence."""
+    return torch.arange(n_blocks) < block_counts(model, batch)[:, None]
+
+
+def block_of_token(model: LatentModel, n_tokens: int) -> Tensor:
+    """[N] long: the prior block each token position belongs to."""
+    return torch.arange(n_tokens) // tokens_per_block(model)
+
+
+def sum_per_block(x: Tensor, size: int) -> Tensor:
+    """Sum the last axis in consecutive groups: [..., n_blocks * size] -> [..., n_blocks]."""
+    return x.reshape(*x.shape[:-1], -1, size).sum(-1)
+
+
+def decode_gold(model: LatentModel, z: Tensor, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+    """``log p_theta(x_i | z)`` of the gold tokens (float64) and the argmax tokens, both
+    [..., B, N], from one ``decoder_logits`` call. ``z``: [..., B, L, d], posterior space."""
+    logits = model.decoder_logits(z, batch).double()
+    gold = batch.ids.expand(logits.shape[:-1])
+    return torch.log_softmax(logits, -1).gather(-1, gold[..., None])[..., 0], logits.argmax(-1)
+
+
+def with_history(model: LatentModel, history_u: Tensor, shape: torch.Size):
+    """The prior velocity with the clean history fixed to ``history_u`` [B, L, d] (scaled
+    space), broadcast to ``shape`` [..., B, L, d].
+
+    Block ``b``'s velocity reads only its own noisy block and the clean blocks ``< b``, so one
+    solve with this velocity gives, for every block at once, the conditional density of the
+    block under test given the *gold* history (teacher forcing) -- the block under test may
+    be a prior sample, a grid point or anything else. The expanded tensor is built once, so
+    the model sees the same ``clean`` object at every evaluation and may cache on it.
+    """
+    clean = history_u.expand(shape)
+
+    def velocity(u_t: Tensor, t: Tensor, _clean: Tensor) -> Tensor:
+        return model.prior_velocity(u_t, t, clean)
+
+    return velocity
+
+
+def prior_block_log_prob(
+    model: LatentModel,
+    z: Tensor,
+    *,
+    history: Tensor | None = None,
+    lengths: Tensor | None = None,
+    trace: str = "exact",
+    seed: int = 0,
+    cnf_options: dict | None = None,
+) -> Tensor:
+    """``log p_psi(z^(b) | z^(<b))`` per prior block on the posterior's space, float64.
+
+    ``z``: [..., B, L, d] in the posterior's space. ``history``: [B, L, d] posterior-space
+    latents used as the clean history of every block instead of ``z`` itself (teacher forcing
+    on gold latents); ``None`` conditions each block on ``z``'s own earlier blocks, which makes
+    the sum over blocks the joint ``log p_psi(z)``. ``lengths``: [B] latent positions per
+    sequence (whole blocks); blocks beyond are not integrated and report 0. Each block's
+    density on ``u`` is moved to ``z`` by its share ``block_size * d * log|scale|`` of the
+    latent Jacobian. ``cnf_options``: solver settings for ``cnf.block_causal_log_prob``.
+
+    Returns [..., B, n_blocks].
+    """
+    u = to_prior_space(model, z)
+    velocity = model.prior_velocity if history is None else with_history(model, to_prior_space(model, history), u.shape)
+    length = None if lengths is None else lengths.expand(u.shape[:-2])
+    r = cnf.block_causal_log_prob(
+        velocity, u, model.block_size, trace=trace, seed=seed, lengths=length, **(cnf_options or {})
+    )
+    return torch.where(r.integrated, r.block_logp.double() + latent_log_jacobian(model, model.block_size), 0.0)
+
+
+def prior_samples(model: LatentModel, history: Tensor, n: int, *, seed: int = 0, sample_options: dict | None = None) -> Tensor:
+    """``n`` teacher-forced prior draws of every block, ``z^(b) ~ p_psi(. | history^(<b))``.
+
+    ``history``: [B, L, d] posterior-space latents (the gold posterior means). Returns
+    [n, B, L, d] in the posterior's space, from ``cnf.sample`` (``sample_options``: its solver
+    settings; default 16 Euler steps as in Cola generation).
+    """
+    u = to_prior_space(model, history).expand(n, *history.shape)
+    return from_prior_space(model, cnf.sample(model.prior_velocity, u, model.block_size, seed=seed, **(sample_options or {})))
+
+
+def generated_latents(
+    model: LatentModel, n: int, n_positions: int, *, seed: int = 0, sample_options: dict | None = None
+) -> Tensor:
+    """``n`` latent sequences generated freely by the prior, block after block, each block
+    drawn given the blocks generated before it. Returns [n, n_positions, d], posterior space.
+
+    ``cnf.sample`` draws every block given a fixed history, so block ``b`` is drawn with the
+    generated blocks ``< b`` as history (one solve per block, over blocks ``<= b`` only).
+    """
+    bs = model.block_size
+    u = torch.zeros(n, n_positions, model.latent_dim)
+    for b in range(-(-n_positions // bs)):
+        end = min((b + 1) * bs, n_positions)
+        draw = cnf.sample(model.prior_velocity, u[:, :end], bs, seed=seed + b, **(sample_options or {}))
+        u[:, b * bs : end] = draw[:, b * bs : end]
+    return from_prior_space(model, u)

@@ -1,0 +1,265 @@
+"""Figures of the diagnostics: each function takes the ``xarray.Dataset`` a diagnostic
+returned and draws it -- nothing here estimates anything.
+
+Figures are ``matplotlib.figure.Figure`` objects built without ``pyplot`` (no global state,
+no GUI backend: ``fig.savefig("x.png")`` renders with Agg). ``token_label`` turns a token id
+into the text shown on axes and legends (default: the id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import xarray as xr
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+
+TokenLabel = Callable[[int], str]
+
+PROBE_STYLE = {
+    "decoder_probe": ("decoder probe (mean decodes)", "#4c72b0", "s"),
+    "posterior_hit": ("posterior hit", "#55a868", "o"),
+    "prior_hit": ("prior hit (greedy generation)", "#c44e52", "^"),
+    "generation_prob": ("P(generate gold)", "#8172b2", "v"),
+}
+KIND_STYLE = {
+    "prior_sample": dict(marker="x", s=14, c="black", alpha=0.55, linewidths=0.8, label="prior samples (teacher-forced)"),
+    "generated": dict(marker="^", s=12, facecolors="none", edgecolors="#d62728", alpha=0.7, linewidths=0.8, label="generated latents"),
+}
+
+
+def _label(token_label: TokenLabel | None, token: int) -> str:
+    return str(int(token)) if token_label is None else token_label(int(token))
+
+
+def plot_decomposition(ds: xr.Dataset) -> Figure:
+    """Three panels from ``decompose``: where the bound goes (nats per token), the MI and
+    marginal-KL estimates on nested subsets against the ``log n`` cap, and the posterior-mean
+    variance per channel against the active-unit threshold."""
+    fig = Figure(figsize=(14, 4.4), layout="constrained")
+    ax_bar, ax_mi, ax_au = fig.subplots(1, 3, width_ratios=[1.1, 1.2, 1.2])
+    tokens = float(ds["n_tokens"].sum())
+    per_seq = len(ds["sequence"])
+    # Corpus totals per token: the window terms are means over sequences, hence * per_seq.
+    parts = {
+        "distortion\nE[-log p(x|z)]": float(ds["distortion"].sum()) / tokens,
+        "mutual information\nI_q(X;Z) (window)": float(ds["mutual_information"]) * per_seq / tokens,
+        "prior mismatch\nKL(q_bar||p) (window)": float(ds["marginal_kl"]) * per_seq / tokens,
+        "rate beyond\nthe window": float((ds["rate"] - ds["window_rate"]).sum()) / tokens,
+    }
+    colors = ["#4c72b0", "#55a868", "#c44e52", "#8c8c8c"]
+    bottom = 0.0
+    for (name, value), color in zip(parts.items(), colors):
+        ax_bar.bar(0, value, bottom=bottom, color=color, width=0.6)
+        ax_bar.annotate(
+            f"{name}: {value:.3f}", (0.32, bottom + value / 2), xytext=(0.45, bottom + value / 2),
+            va="center", fontsize=8, arrowprops=dict(arrowstyle="-", color=color, lw=1),
+        )
+        bottom += value
+    ax_bar.set_xlim(-0.4, 1.9)
+    ax_bar.set_xticks([])
+    ax_bar.spines[["top", "right", "bottom"]].set_visible(False)
+    ax_bar.set_ylabel("nats per token")
+    ax_bar.set_title(f"-ELBO = {-float(ds['elbo'].sum()) / tokens:.3f} nats/token")
+
+    n = ds["subset"].values
+    ax_mi.plot(n, ds["log_n_nested"], "k--", lw=1, label="log n (cap on the MI estimate)")
+    ax_mi.plot(n, ds["mutual_information_nested"], "o-", color=colors[1], label="I_q(X;Z) estimate")
+    ax_mi.plot(n, ds["marginal_kl_nested"], "s-", color=colors[2], label="KL(q_bar || p_psi)")
+    ax_mi.set_xscale("log", base=2)
+    ax_mi.set_xlabel("sequences in the aggregate posterior (n, nested subsets)")
+    ax_mi.set_ylabel(f"nats per sequence ({ds.attrs.get('window_blocks', '?')} leading blocks)")
+    ax_mi.set_title("Convergence in n")
+    ax_mi.legend(fontsize=8, frameon=False)
+    ax_mi.grid(alpha=0.3)
+
+    var = ds["posterior_mean_variance"].values
+    active = ds["active"].values.astype(bool)
+    ch = ds["channel"].values
+    for sel, color, name in ((active, "#4c72b0", "active"), (~active, "#bbbbbb", "inactive")):
+        if sel.any():
+            ax_au.bar(ch[sel], var[sel], color=color, label=name)
+    ax_au.set_xticks(ch)
+    ax_au.axhline(ds.attrs.get("active_threshold", 0.01), color="k", ls="--", lw=1, label="threshold")
+    ax_au.set_yscale("log")
+    ax_au.set_xlabel("latent channel")
+    ax_au.set_ylabel("Var_x E_q[z_c | x]")
+    ax_au.set_title(f"Active units: {int(ds['n_active'])} of {len(ch)}")
+    ax_au.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def plot_probes(ds: xr.Dataset, sequence: int = 0, *, token_label: TokenLabel | None = None, max_tokens: int = 64) -> Figure:
+    """One text from ``probes``: the four hit probes per token, the token's likelihood cost
+    ``-token_elbo`` split into decoder and prior parts, and each block's density percentile."""
+    one = ds.sel(sequence=sequence)
+    n = min(int(one["valid"].sum()), max_tokens)
+    x = np.arange(n)
+    labels = [_label(token_label, t) for t in one["token_id"].values[:n]]
+    fig = Figure(figsize=(max(10.0, 0.28 * n + 4.0), 7.5), layout="constrained")
+    ax_hit, ax_nll, ax_pct = fig.subplots(3, 1, sharex=True, height_ratios=[1.3, 1, 0.8])
+    for name, (text, color, marker) in PROBE_STYLE.items():
+        ax_hit.plot(x, one[name].values[:n], marker=marker, color=color, lw=0.8, ms=4, label=text)
+    ax_hit.set_ylim(-0.05, 1.05)
+    ax_hit.set_ylabel("probability")
+    ax_hit.set_title(f"Sequence {sequence}: does the gold token come out?")
+    ax_hit.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+    decoder = -one["token_log_prob"].values[:n]
+    prior = one["block_kl_share"].values[:n]
+    ax_nll.bar(x, decoder, color="#4c72b0", label="decoder: -E_q[log p(x_i|z)]")
+    ax_nll.bar(x, prior, bottom=np.maximum(decoder, 0), color="#dd8452", label="block KL share")
+    ax_nll.set_ylabel("nats")
+    ax_nll.set_title("Likelihood cost per token (-token_elbo)")
+    ax_nll.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+    per = int(ds.attrs.get("tokens_per_block", 1))
+    pct = one["density_percentile"].values
+    for b in range(-(-n // per)):
+        ax_pct.plot([b * per - 0.4, min((b + 1) * per, n) - 0.6], [pct[b]] * 2, color="#8172b2", lw=3)
+        ax_pct.axvline(b * per - 0.5, color="#dddddd", lw=0.6)
+    ax_pct.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax_pct.set_ylim(-0.05, 1.05)
+    ax_pct.set_ylabel("percentile")
+    ax_pct.set_title("Density alignment per block: percentile of the gold latent's log p_psi among prior samples")
+    ax_pct.set_xticks(x)
+    ax_pct.set_xticklabels(labels, fontsize=8, rotation=90 if max(map(len, labels), default=1) > 2 else 0)
+    ax_pct.set_xlim(-0.7, n - 0.3)
+    return fig
+
+
+def plot_probe_summary(summary: xr.Dataset) -> Figure:
+    """From ``token_probes.summarize``: the likelihood-by-generation 2x2 table, and the
+    probes' mean per equal-count bin of per-token NLL."""
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    ax_tab, ax_bin = fig.subplots(1, 2, width_ratios=[0.8, 1.4])
+    count = summary["count"].values
+    ax_tab.imshow(count, cmap="Blues", vmin=0)
+    for i in range(2):
+        for j in range(2):
+            frac = count[i, j] / max(1, count[i].sum())
+            color = "white" if count[i, j] > 0.6 * count.max() else "black"
+            ax_tab.text(j, i, f"{count[i, j]}\n({frac:.0%} of row)", ha="center", va="center", color=color, fontsize=11)
+    thr = float(summary["nll_threshold"])
+    ax_tab.set_yticks([0, 1], [f"low NLL\n(<= {thr:.2f})", f"high NLL\n(> {thr:.2f})"])
+    ax_tab.set_xticks([0, 1], [f"generated\n(prior hit >= {float(summary['hit_threshold']):g})", "missed"])
+    ax_tab.set_title(f"Tokens: likelihood vs generation\nhigh-NLL tokens still generated: {float(summary['high_nll_generated_fraction']):.0%}")
+
+    x = summary["nll_center"].values
+    for name, (text, color, marker) in PROBE_STYLE.items():
+        ax_bin.plot(x, summary[f"{name}_by_nll"].values, marker=marker, color=color, label=text)
+    ax_bin.axvline(thr, color="k", ls=":", lw=0.8)
+    ax_bin.set_ylim(-0.05, 1.05)
+    ax_bin.set_xlabel("per-token NLL, -token_elbo (nats; bin medians, equal-count bins)")
+    ax_bin.set_ylabel("mean over tokens in the bin")
+    rho = float(summary["spearman_nll_prior_hit"])
+    ax_bin.set_title(f"Probes against likelihood (Spearman NLL vs prior hit: {rho:.2f})")
+    ax_bin.legend(fontsize=8, frameon=False)
+    ax_bin.grid(alpha=0.3)
+    return fig
+
+
+def plot_information_curve(ds: xr.Dataset) -> Figure:
+    """From ``information_curve``: token accuracy and cross-entropy of the one-step denoised
+    latent against logSNR (clean on the left), with the training density of logSNR."""
+    fig = Figure(figsize=(9, 4.6), layout="constrained")
+    ax = fig.subplots()
+    snr = ds["logsnr"].values
+    ax.plot(snr, ds["accuracy"], "o-", color="#4c72b0", ms=4, label="token accuracy of z_hat0")
+    ax.axhline(float(ds["accuracy_at_mean"]), color="#4c72b0", ls=":", lw=1, label="accuracy at the posterior mean")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("logSNR(t) = 2 log((1 - t) / t)      (clean  <-  ->  noise)")
+    ax.set_ylabel("token accuracy", color="#4c72b0")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ce = ax.twinx()
+    ce.plot(snr, ds["cross_entropy"], "s-", color="#c44e52", ms=3, label="cross-entropy (nats/token)")
+    ce.set_ylabel("cross-entropy, nats/token", color="#c44e52")
+    dens = ax.twinx()
+    dens.spines["right"].set_position(("axes", 1.13))
+    dens.fill_between(snr, ds["train_density_logsnr"], color="#999999", alpha=0.25, label="training density of logSNR")
+    dens.set_ylim(0, 1.1 * float(ds["train_density_logsnr"].max()))
+    dens.set_ylabel("training density (per unit logSNR)", color="#666666")
+    handles = [h for a in (ax, ce, dens) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, fontsize=8, loc="center left", frameon=True)
+    ax.set_title(f"Information curve ({ds.attrs.get('train_t_distribution', '')} training t)")
+    return fig
+
+
+def plot_embedding(ds: xr.Dataset, *, token_label: TokenLabel | None = None, top_k: int = 10) -> Figure:
+    """From ``geometry.embedding``: one panel per fitted map; posterior means coloured by
+    their gold token (the ``top_k`` most frequent; the rest grey), prior samples and
+    generated latents overlaid."""
+    methods = [m for m in ("pca", "umap") if m in ds]
+    fig = Figure(figsize=(6.2 * len(methods) + 1.8, 5.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(methods)))
+    kind = ds["kind"].values
+    data = kind == "posterior_mean"
+    tokens, counts = np.unique(ds["token_id"].values[data], return_counts=True)
+    top = tokens[np.argsort(-counts)][:top_k]
+    palette = [tuple(c) for c in colormaps["tab10"](np.arange(10))]
+    for ax, method in zip(axes, methods):
+        xy = ds[method].values
+        tok = ds["token_id"].values
+        other = data & ~np.isin(tok, top)
+        ax.scatter(*xy[other].T, s=8, c="#cccccc", label="other tokens")
+        for k, t in enumerate(top):
+            sel = data & (tok == t)
+            ax.scatter(*xy[sel].T, s=10, color=palette[k % 10], label=repr(_label(token_label, t)))
+        for name, style in KIND_STYLE.items():
+            sel = kind == name
+            if sel.any():
+                ax.scatter(*xy[sel].T, **style)
+        title = method.upper()
+        if method == "pca" and "pca_explained_variance_ratio" in ds:
+            r = ds["pca_explained_variance_ratio"].values
+            title += f" (explained variance {r[0]:.0%}, {r[1]:.0%})"
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="posterior means by token")
+    return fig
+
+
+def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None, block_token: int = 0) -> Figure:
+    """From ``geometry.density_slice``: the prior log-density on the plane with the region
+    where the whole block decodes to gold outlined, and the decoder's argmax regions for one
+    token of the block."""
+    a, b = ds["alpha"].values, ds["beta"].values
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ax_d, ax_r = fig.subplots(1, 2)
+    logp = ds["log_prob"].values.T  # rows = beta (y), columns = alpha (x)
+    levels = np.linspace(np.nanpercentile(logp, 2), np.nanmax(logp), 14)
+    filled = ax_d.contourf(a, b, logp, levels=levels, cmap="viridis", extend="min")
+    fig.colorbar(filled, ax=ax_d, label="log p_psi(z^(b) | gold history), nats")
+    n_tok = ds.sizes["block_token"]
+    ok = ds["n_correct"].values.T
+    if ok.min() < n_tok <= ok.max():
+        ax_d.contour(a, b, (ok == n_tok).astype(float), levels=[0.5], colors="white", linewidths=1.8)
+    proj = ds["prior_projection"].values
+    ax_d.scatter(*proj.T, s=10, c="white", edgecolors="black", linewidths=0.4, label="prior samples (projected)")
+    for ax in (ax_d, ax_r):
+        ax.plot(0, 0, marker="*", ms=15, color="#ff3b30", mec="black", ls="none", label="gold latent")
+        ax.set_xlabel("alpha (e1" + (": decoder gradient)" if ds.attrs.get("directions") == "decoder" else ")"))
+        ax.set_ylabel("beta (e2)")
+        ax.set_xlim(a[0], a[-1])
+        ax.set_ylim(b[0], b[-1])
+    ax_d.set_title(f"Prior density, sequence {ds.attrs.get('sequence')} block {ds.attrs.get('block')}\n(white line: whole block decodes to gold)")
+    ax_d.legend(fontsize=8, loc="lower left")
+
+    argmax = ds["argmax_token"].isel(block_token=block_token).values.T
+    ids = np.unique(argmax)
+    cmap = ListedColormap(colormaps["tab10"](np.arange(len(ids)) % 10))
+    index = np.searchsorted(ids, argmax)
+    mesh = ax_r.pcolormesh(a, b, index, cmap=cmap, norm=BoundaryNorm(np.arange(len(ids) + 1) - 0.5, len(ids)), shading="nearest")
+    bar = fig.colorbar(mesh, ax=ax_r, ticks=np.arange(len(ids)))
+    bar.ax.set_yticklabels([repr(_label(token_label, t)) for t in ids], fontsize=8)
+    gold = int(ds["gold_token"].values[block_token])
+    if (argmax == gold).any() and not (argmax == gold).all():
+        ax_r.contour(a, b, (argmax == gold).astype(float), levels=[0.5], colors="black", linewidths=1.5)
+    ax_r.set_title(
+        f"Decoder argmax for token {block_token} of the block\n(gold {_label(token_label, gold)!r}; black line: its region)"
+    )
+    return fig
