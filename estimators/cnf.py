@@ -1,0 +1,376 @@
+"""Densities of continuous normalising flows by the instantaneous change of variables.
+
+A velocity field ``v(z_t, t)`` with data at ``t = 0`` and noise ``z1 ~ N(0, I)`` at ``t = 1``
+defines the density of its data end (Chen et al. 2018, Grathwohl et al. 2019):
+
+    log p0(z0) = log N(z1; 0, I) + integral_0^1 div v(z_t, t) dt,
+
+where ``z_t`` solves ``dz/dt = v(z, t)`` from ``z0``. The state ``[z, log-det]`` is integrated
+from ``t = 0`` to ``t = 1`` with ``torchdiffeq.odeint``: adaptive (``dopri5`` and the other
+adaptive methods, ``rtol`` / ``atol``) or on a fixed grid (``euler``, ``midpoint``, ``rk4``
+with ``steps`` steps).
+
+The divergence is either
+
+* ``"exact"``: the Jacobian diagonal by vector-Jacobian products with one-hot probes. Elements
+  whose cross-derivatives vanish may share a probe (a *colour*): independent batch elements
+  always do, and in the block-causal prior the same (position in block, channel) of every
+  block does, so an evaluation costs ``block_size * d`` VJPs whatever the sequence length;
+* ``"hutchinson"``: ``E[eps^T J eps] = tr J`` with Rademacher or Gaussian probes ``eps``, each
+  fixed along its solve (all probes share one solve of ``z``). Unbiased for the log-determinant,
+  hence biased inside a log-sum-exp (an IWAE).
+
+Probes are applied ``vjp_chunk`` at a time in one batched backward pass
+(``torch.autograd.grad(..., is_grads_batched=True)``), which bounds memory.
+
+Precision: the velocity runs in the dtype of ``z0`` (float32 for a model); the ODE state,
+log-determinants and densities are float64. No gradient flows back to ``z0`` or parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams"})
+TRACE_NOTES = {
+    "exact": "exact",
+    "hutchinson": "hutchinson (unbiased log-det, biased inside log-sum-exp)",
+}
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(kw_only=True)
+class LogProb:
+    """The density of ``z0`` under a flow and how it was computed.
+
+    ``logp``: float64 over the batch dims (the mean over probes for Hutchinson);
+    ``prior_logp``: ``log N(z1; 0, I)``; ``delta_logp``: ``integral div v dt`` (probe mean);
+    ``z1``: the noise end of the flow, float64; ``nfe``: velocity evaluations;
+    ``probe_logp``: [n_probes, ...] one estimate per Hutchinson probe (None when exact);
+    ``settings``: the trace, solver and tolerances used.
+    """
+
+    logp: Tensor
+    prior_logp: Tensor
+    delta_logp: Tensor
+    z1: Tensor
+    nfe: int
+    settings: dict
+    probe_logp: Tensor | None = None
+
+    @property
+    def logp_se(self) -> Tensor | None:
+        """Standard error of ``logp`` over the Hutchinson probes (None when exact, NaN for
+        one probe)."""
+        if self.probe_logp is None:
+            return None
+        n = self.probe_logp.shape[0]
+        spread = self.probe_logp.std(0) if n > 1 else torch.full_like(self.logp, float("nan"))
+        return spread / math.sqrt(n)
+
+
+@dataclass(kw_only=True)
+class BlockLogProb(LogProb):
+    """``LogProb`` of a block-causal flow with each block's conditional density.
+
+    ``block_logp``: [..., n_blocks] ``log p(z^(b) | z^(<b))`` of the integrated positions of
+    each block (0 where ``integrated`` is False: blocks wholly inside the clean prefix or at or
+    beyond the sequence length); ``logp``: their sum; ``probe_block_logp``: [n_probes, ...,
+    n_blocks] for Hutchinson.
+    """
+
+    block_logp: Tensor
+    integrated: Tensor
+    probe_block_logp: Tensor | None = None
+
+
+def log_prob(
+    velocity,
+    z0: Tensor,
+    event_dims: int = 1,
+    trace: str = "exact",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    seed: int = 0,
+    *,
+    method: str = "dopri5",
+    steps: int | None = None,
+    n_probes: int = 1,
+    probe: str = "rademacher",
+    probes: Tensor | None = None,
+    vjp_chunk: int = 32,
+) -> LogProb:
+    """``log p0(z0)`` of the flow ``dz/dt = velocity(z, t)`` (noise ``N(0, I)`` at ``t = 1``).
+
+    ``velocity(z_t, t)``: ``z_t`` [..., *event], ``t`` a 0-dim tensor -> same shape as ``z_t``;
+    the batch dims ``...`` must be independent samples. ``z0``: [..., *event] with
+    ``event_dims`` trailing event dims. ``trace``: ``"exact"`` or ``"hutchinson"`` (``n_probes``
+    probes of kind ``probe`` drawn from ``seed``, or the given ``probes`` [n, *z0.shape]).
+    ``method``: a torchdiffeq method; fixed-grid methods need ``steps``.
+    """
+    if event_dims < 1:
+        raise ValueError("event_dims must be at least 1")
+    batch_shape = z0.shape[: z0.dim() - event_dims]
+    event_shape = z0.shape[z0.dim() - event_dims :]
+    event_axes = tuple(range(-event_dims, 0))
+    # Each event element its own colour; batch elements are independent, so they share it.
+    colours = torch.arange(math.prod(event_shape), device=z0.device).reshape(event_shape)
+    trace_terms = _trace_terms(trace, colours, z0, n_probes, probe, probes, seed, vjp_chunk)
+
+    def field(z: Tensor, t: Tensor) -> Tensor:
+        return velocity(z, t.to(z0.dtype))
+
+    def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:
+        z_ratio, logdet_ratio = ratio
+        return torch.maximum(z_ratio.pow(2).mean(event_axes).sqrt().max(), logdet_ratio.abs().max())
+
+    def reduce(terms: Tensor) -> Tensor:  # [n, ..., *event] -> [n, ...]
+        return terms.sum(event_axes)
+
+    z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
+    prior = (-0.5 * z1.pow(2) - 0.5 * _LOG_2PI).sum(event_axes)
+    per_probe = prior + delta  # [n, ...]
+    settings = _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, event_dims=event_dims)
+    return LogProb(
+        logp=per_probe.mean(0),
+        prior_logp=prior,
+        delta_logp=delta.mean(0),
+        z1=z1,
+        nfe=nfe,
+        settings=settings,
+        probe_logp=per_probe if trace == "hutchinson" else None,
+    )
+
+
+def block_causal_log_prob(
+    velocity,
+    z0: Tensor,
+    block_size: int,
+    trace: str = "exact",
+    prefix_len: Tensor | int | None = None,
+    seed: int = 0,
+    *,
+    lengths: Tensor | int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    method: str = "dopri5",
+    steps: int | None = None,
+    n_probes: int = 1,
+    probe: str = "rademacher",
+    probes: Tensor | None = None,
+    vjp_chunk: int = 32,
+) -> BlockLogProb:
+    """Every block's ``log p(z^(b) | z^(<b))`` of a block-causal flow, from one solve.
+
+    ``z0``: [..., L, d]. ``velocity(z_t, t, clean)``: ``z_t`` [..., L, d], ``t`` [..., L] per
+    position, ``clean`` [..., L, d] -> [..., L, d], where the output of block ``b`` may depend
+    only on ``z_t`` in block ``b`` and ``clean`` in blocks ``< b`` (the 2L layout). ``clean``
+    is ``z0`` itself, the same object at every evaluation, so a model may cache its history.
+
+    All blocks share one ``t``; since the Jacobian across blocks is zero, a one-hot probe at
+    (position ``j`` of a block, channel ``c``) repeated in every block yields every block's
+    diagonal at once: ``block_size * d`` VJPs per evaluation; per-block sums give each block's
+    divergence. Hutchinson probes need no colouring (the cross-block terms vanish).
+
+    ``prefix_len`` ([...] or int): positions ``< prefix_len`` are clean: held at ``z0`` with
+    ``t = 0`` (a prefix ending inside a block is given to that block as in training) and left
+    out of the divergence and of ``N(z1; 0, I)``. ``lengths`` ([...] or int, a multiple of
+    ``block_size`` or ``>= L``): positions at or beyond it are not integrated either. A block
+    with no integrated position reports 0 and ``integrated = False``.
+    """
+    *batch_shape, L, d = z0.shape
+    n_blocks = -(-L // block_size)
+    position = torch.arange(L, device=z0.device)
+    prefix = torch.as_tensor(0 if prefix_len is None else prefix_len, device=z0.device).expand(batch_shape)
+    length = torch.as_tensor(L if lengths is None else lengths, device=z0.device).expand(batch_shape)
+    if ((length % block_size != 0) & (length < L)).any():
+        raise ValueError("lengths must end on a block boundary (or reach the end of z0)")
+    noisy = (position >= prefix[..., None]) & (position < length[..., None])  # [..., L]
+    noisy_blocks = _per_block(noisy.to(z0.dtype), block_size) > 0  # [..., n_blocks]
+    # Position j of every block, channel c: one colour (cross-block derivatives are zero).
+    colours = (position % block_size)[:, None] * d + torch.arange(d, device=z0.device)
+    trace_terms = _trace_terms(trace, colours, z0, n_probes, probe, probes, seed, vjp_chunk)
+    mask = noisy[..., None]
+
+    def field(z: Tensor, t: Tensor) -> Tensor:
+        u = torch.where(mask, z, z0)
+        t_position = torch.where(noisy, t.to(z0.dtype), torch.zeros((), dtype=z0.dtype, device=z0.device))
+        return torch.where(mask, velocity(u, t_position, z0), 0.0)
+
+    def reduce(terms: Tensor) -> Tensor:  # [n, ..., L, d] -> [n, ..., n_blocks]
+        return _per_block((terms * mask).sum(-1), block_size)
+
+    def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:
+        z_ratio, logdet_ratio = ratio
+        sq = _per_block((z_ratio.pow(2) * mask).sum(-1), block_size)
+        count = _per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
+        return torch.maximum((sq / count).sqrt().max(), logdet_ratio.abs().max())
+
+    z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
+    prior = _per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
+    per_probe = prior + delta  # [n, ..., n_blocks]
+    settings = _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, block_size=block_size)
+    block_logp = per_probe.mean(0)
+    return BlockLogProb(
+        logp=block_logp.sum(-1),
+        block_logp=block_logp,
+        integrated=noisy_blocks,
+        prior_logp=prior.sum(-1),
+        delta_logp=delta.mean(0).sum(-1),
+        z1=z1,
+        nfe=nfe,
+        settings=settings,
+        probe_logp=per_probe.sum(-1) if trace == "hutchinson" else None,
+        probe_block_logp=per_probe if trace == "hutchinson" else None,
+    )
+
+
+def sample(
+    velocity,
+    clean: Tensor,
+    block_size: int,
+    *,
+    prefix_len: Tensor | int | None = None,
+    noise: Tensor | None = None,
+    seed: int = 0,
+    method: str = "euler",
+    steps: int | None = 16,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> Tensor:
+    """Teacher-forced draws of every block from ``p(z^(b) | clean^(<b))``, all blocks at once.
+
+    Transports ``noise`` [..., L, d] (drawn from ``seed`` when None) from ``t = 1`` to ``t = 0``
+    under ``velocity(z_t, t, clean)`` (see ``block_causal_log_prob``), each block conditioned
+    on the GIVEN history ``clean`` [..., L, d], not on the other samples. Positions
+    ``< prefix_len`` are held at ``clean`` with ``t = 0``. Default: ``steps`` Euler steps as in
+    Cola generation (without guidance); ``method="dopri5"`` for an adaptive solve.
+    Returns [..., L, d] in the dtype of ``clean``.
+    """
+    *batch_shape, L, d = clean.shape
+    if noise is None:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64).to(clean.device)
+    position = torch.arange(L, device=clean.device)
+    prefix = torch.as_tensor(0 if prefix_len is None else prefix_len, device=clean.device).expand(batch_shape)
+    pinned = (position < prefix[..., None])[..., None]
+    t_zero = torch.zeros((), dtype=clean.dtype, device=clean.device)
+
+    def dynamics(t: Tensor, z: Tensor) -> Tensor:
+        u = torch.where(pinned, clean, z.to(clean.dtype))
+        v = velocity(u, torch.where(pinned[..., 0], t_zero, t.to(clean.dtype)), clean)
+        return torch.where(pinned, 0.0, v).double()
+
+    def error_norm(ratio: Tensor) -> Tensor:
+        return _per_block(ratio.pow(2).mean(-1), block_size).div(block_size).sqrt().max()
+
+    with torch.no_grad():
+        z = _solve(dynamics, noise.double(), method, rtol, atol, steps, error_norm, reverse=True)
+    return torch.where(pinned, clean, z.to(clean.dtype))
+
+
+def _trace_terms(trace, colours, z0, n_probes, probe, probes, seed, vjp_chunk):
+    """``(n, terms)`` with ``terms(v, z) -> [n, *z.shape]`` the elementwise summands of the
+    divergence: ``n = 1`` for the exact diagonal, one row per probe for Hutchinson."""
+    if trace == "exact":
+        n_colours = int(colours.max()) + 1
+        return 1, lambda v, z: _jacobian_diagonal(v, z, colours, n_colours, vjp_chunk)[None]
+    if trace == "hutchinson":
+        if probes is None:
+            probes = _draw_probes(probe, (n_probes, *z0.shape), seed)
+        probes = probes.to(device=z0.device, dtype=z0.dtype)
+        return probes.shape[0], lambda v, z: _hutchinson_terms(v, z, probes, vjp_chunk)
+    raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
+
+
+def _jacobian_diagonal(v: Tensor, z: Tensor, colours: Tensor, n_colours: int, chunk: int) -> Tensor:
+    """``diag(dv/dz)`` shaped like ``z``, by one VJP per colour (``colours`` broadcasts against
+    ``z``; elements of one colour must have zero cross-derivatives)."""
+    diagonal = torch.zeros_like(z)
+    extra = (1,) * colours.dim()
+    for start in range(0, n_colours, chunk):
+        ids = torch.arange(start, min(start + chunk, n_colours), device=z.device)
+        one_hot = (colours == ids.view(-1, *extra)).to(z.dtype)
+        probes = one_hot.reshape(len(ids), *(1,) * (z.dim() - colours.dim()), *colours.shape).expand(len(ids), *z.shape).contiguous()
+        (vjp,) = torch.autograd.grad(v, z, probes, retain_graph=True, is_grads_batched=True)
+        diagonal += (probes * vjp).sum(0)
+    return diagonal
+
+
+def _hutchinson_terms(v: Tensor, z: Tensor, probes: Tensor, chunk: int) -> Tensor:
+    """``eps * (J^T eps)`` per probe ``eps``: [n, *z.shape]; sums to unbiased traces."""
+    parts = []
+    for start in range(0, probes.shape[0], chunk):
+        eps = probes[start : start + chunk]
+        (vjp,) = torch.autograd.grad(v, z, eps, retain_graph=True, is_grads_batched=True)
+        parts.append(eps * vjp)
+    return torch.cat(parts)
+
+
+def _draw_probes(kind: str, shape: tuple[int, ...], seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator, dtype=torch.float64) * 2 - 1
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=torch.float64)
+    raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {kind!r}")
+
+
+def _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps):
+    """Solve ``d[z, logdet]/dt = [v, reduce(div terms)]`` from 0 to 1: (z1, logdet, nfe)."""
+    n_terms, terms = trace_terms
+    nfe = 0
+
+    def dynamics(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        nonlocal nfe
+        nfe += 1
+        with torch.enable_grad():
+            z = state[0].detach().to(z0.dtype).requires_grad_(True)
+            v = field(z, t)
+            divergence = reduce(terms(v, z))
+        return v.detach().double(), divergence.detach().double()
+
+    with torch.no_grad():
+        logdet0 = reduce(torch.zeros((n_terms, *z0.shape), dtype=torch.float64, device=z0.device))
+        z1, logdet = _solve(dynamics, (z0.detach().double(), logdet0), method, rtol, atol, steps, error_norm)
+    return z1, logdet, nfe
+
+
+def _solve(dynamics, state0, method, rtol, atol, steps, error_norm, reverse: bool = False):
+    """The state at the far end of ``[0, 1]`` (of ``[1, 0]`` when ``reverse``)."""
+    device = state0[0].device if isinstance(state0, tuple) else state0.device
+    if method in FIXED_GRID_METHODS:
+        if steps is None:
+            raise ValueError(f"method {method!r} needs steps")
+        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+    else:
+        grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
+    if reverse:
+        grid = grid.flip(0)
+    # A per-sample (per-block) error norm: one hard sample is not diluted by an easy batch.
+    solution = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, method=method, options={"norm": error_norm})
+    return tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
+
+
+def _per_block(x: Tensor, block_size: int) -> Tensor:
+    """Sum ``x`` [..., L] over blocks of ``block_size`` positions: [..., n_blocks]."""
+    L = x.shape[-1]
+    pad = -L % block_size
+    return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block_size)).sum(-1)
+
+
+def _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, **extra) -> dict:
+    settings = {"trace": TRACE_NOTES.get(trace, trace), "solver": method, **extra}
+    if method in FIXED_GRID_METHODS:
+        settings["steps"] = steps
+    else:
+        settings.update(rtol=rtol, atol=atol)
+    if trace == "hutchinson":
+        settings.update(n_probes=n_probes if probes is None else probes.shape[0], probe=probe if probes is None else "given")
+    settings["seed"] = seed
+    return settings
