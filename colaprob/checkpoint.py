@@ -116,7 +116,7 @@ def _open(path: Path):
 
 
 def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:
-    """``{key: (shape, dtype)}`` from the safetensors headers alone."""
+    """``{key: (shape, dtype)}`` from the safetensors headers alone (``files``: ``weight_files``)."""
     out = {}
     for path in sorted(set(files.values())):
         with _open(path) as handle:
@@ -137,9 +137,17 @@ def expected_shapes(part: str, config) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
-def mismatches(folder: Path, stored: dict, expected: dict) -> list[str]:
+def buffer_keys(part: str, config) -> set[str]:
+    """State-dict keys that are buffers, not parameters (the DiT's RoPE frequencies)."""
+    with torch.device("meta"):
+        return {k for k, _ in PARTS[part][2](config).named_buffers()}
+
+
+def mismatches(files: dict[str, Path], stored: dict, expected: dict) -> list[str]:
     """Sentences naming every missing, unexpected or wrongly shaped tensor (and bad dtypes)."""
-    where = folder / "model.safetensors"
+    folder = next(iter(files.values())).parent
+    index = folder / "model.safetensors.index.json"
+    where = index if index.is_file() else folder / "model.safetensors"
     problems = []
     missing = [k for k in expected if k not in stored]
     unexpected = [k for k in stored if k not in expected]
@@ -149,13 +157,13 @@ def mismatches(folder: Path, stored: dict, expected: dict) -> list[str]:
         problems.append(f"{where} has {len(unexpected)} tensor(s) the config does not describe: {', '.join(unexpected[:5])}.")
     for key, (shape, dtype) in stored.items():
         if key in expected and shape != expected[key]:
-            problems.append(f"{where} stores {key} with shape {shape} where the config needs {expected[key]}.")
+            problems.append(f"{files[key]} stores {key} with shape {shape} where the config needs {expected[key]}.")
         if dtype not in READABLE_DTYPES:
-            problems.append(f"{where} stores {key} as {dtype}; only F32, BF16 and F16 weights are read.")
+            problems.append(f"{files[key]} stores {key} as {dtype}; only F32, BF16 and F16 weights are read.")
     return problems
 
 
-def pieces_problems(vae_config: VAEConfig, dit_config: DiTConfig, tokenizer: Tokenizer, folders: dict) -> list[str]:
+def pieces_problems(vae_config: VAEConfig, dit_config: DiTConfig, tokenizer: Tokenizer, root: Path, folders: dict) -> list[str]:
     """Inconsistencies between the VAE, the DiT and the tokenizer."""
     problems = []
     for name in ("txt_in_channels", "txt_out_channels"):
@@ -166,8 +174,8 @@ def pieces_problems(vae_config: VAEConfig, dit_config: DiTConfig, tokenizer: Tok
             )
     if tokenizer.vocab_size > vae_config.vocab_size:
         problems.append(
-            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the VAE vocab_size {vae_config.vocab_size} "
-            f"in {folders['vae'] / 'config.json'}."
+            f"{root / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, more than the VAE vocab_size "
+            f"{vae_config.vocab_size} in {folders['vae'] / 'config.json'}."
         )
     return problems
 
@@ -203,12 +211,12 @@ def load(path_or_name: str | Path, *, decoder_space: str | None = None) -> ColaM
         cls = PARTS[part][1]
         configs[part] = cls.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
         files = weight_files(folder)
-        problems = mismatches(folder, stored_shapes(files), expected_shapes(part, configs[part]))
+        problems = mismatches(files, stored_shapes(files), expected_shapes(part, configs[part]))
         if problems:
             raise ColaprobError(problems[0])
         state.update({f"{part}.{k}": v for k, v in read_tensors(files).items()})
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
-    problems = pieces_problems(configs["vae"], configs["dit"], tokenizer, folders)
+    problems = pieces_problems(configs["vae"], configs["dit"], tokenizer, root, folders)
     if problems:
         raise ColaprobError(problems[0])
     options = read_options(root)
@@ -295,21 +303,24 @@ def inspect_checkpoint(path_or_name: str | Path) -> dict:
         except ColaprobError as err:
             report["warnings"].append(str(err))
         try:
-            stored = stored_shapes(weight_files(folder))
+            files = weight_files(folder)
+            stored = stored_shapes(files)
         except ColaprobError as err:
             report["warnings"].append(str(err))
             continue
         report["dtypes"] = sorted(set(report["dtypes"]) | {dtype for _, dtype in stored.values()})
+        buffers = buffer_keys(part, configs[part]) if part in configs else set()
         for key, (shape, _) in stored.items():
-            group = key.split(".")[0] if part == "vae" else "dit"
-            report["parameters"][group] = report["parameters"].get(group, 0) + int(torch.Size(shape).numel())
+            group = key.split(".")[0] if part == "vae" else "dit"  # encoder / decoder / dit
+            if key not in buffers:
+                report["parameters"][group] = report["parameters"].get(group, 0) + int(torch.Size(shape).numel())
         if part in configs:
-            report["warnings"] += mismatches(folder, stored, expected_shapes(part, configs[part]))
+            report["warnings"] += mismatches(files, stored, expected_shapes(part, configs[part]))
     try:
         tokenizer = Tokenizer.from_file(root / "tokenizer.json")
         report["tokenizer_vocab_size"] = tokenizer.vocab_size
         if len(configs) == 2:
-            report["warnings"] += pieces_problems(configs["vae"], configs["dit"], tokenizer, folders)
+            report["warnings"] += pieces_problems(configs["vae"], configs["dit"], tokenizer, root, folders)
         options = read_options(root)
         framing = options.get("framing") or Framing.official(tokenizer)
         report["framing"] = framing.to_dict()

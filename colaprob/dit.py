@@ -239,7 +239,9 @@ class DiT(nn.Module):
         pass, the block alone at positions 0..bs-1."""
         return self._over_cache(block, tau, cache)[0]
 
-    def commit(self, block: Tensor, cache: KVCache) -> KVCache:
-        """Append a finished block [B, bs, C] to the cache (its clean K/V at timestep 0)."""
+    def commit(self, block: Tensor, cache: KVCache | None) -> KVCache:
+        """Append a finished block [B, bs, C] to the cache (its clean K/V at timestep 0);
+        ``cache`` None starts one."""
         _, layers, positions = self._over_cache(block, block.new_zeros(block.shape[:2]), cache)
-        return cache.extend(layers, positions, torch.ones_like(positions, dtype=torch.bool))
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        return KVCache(layers, positions, valid) if cache is None else cache.extend(layers, positions, valid)

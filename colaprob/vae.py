@@ -14,7 +14,6 @@ Shapes: ``B`` sequences, ``N`` tokens, ``L = N / P`` latent positions (``P = pat
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
