@@ -130,17 +130,12 @@ def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:
     return out
 
 
-def expected_shapes(part: str, config) -> dict[str, list[int]]:
-    """State-dict shapes of the network a config describes (built without memory)."""
+def expected_layout(part: str, config) -> tuple[dict[str, list[int]], set[str]]:
+    """State-dict shapes of the network a config describes, and which keys are buffers (the
+    DiT's RoPE frequencies) rather than parameters; built on the meta device (no memory)."""
     with torch.device("meta"):
         module = PARTS[part][2](config)
-    return {k: list(v.shape) for k, v in module.state_dict().items()}
-
-
-def buffer_keys(part: str, config) -> set[str]:
-    """State-dict keys that are buffers, not parameters (the DiT's RoPE frequencies)."""
-    with torch.device("meta"):
-        return {k for k, _ in PARTS[part][2](config).named_buffers()}
+    return {k: list(v.shape) for k, v in module.state_dict().items()}, {k for k, _ in module.named_buffers()}
 
 
 def mismatches(files: dict[str, Path], stored: dict, expected: dict) -> list[str]:
@@ -211,7 +206,7 @@ def load(path_or_name: str | Path, *, decoder_space: str | None = None) -> ColaM
         cls = PARTS[part][1]
         configs[part] = cls.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
         files = weight_files(folder)
-        problems = mismatches(files, stored_shapes(files), expected_shapes(part, configs[part]))
+        problems = mismatches(files, stored_shapes(files), expected_layout(part, configs[part])[0])
         if problems:
             raise ColaprobError(problems[0])
         state.update({f"{part}.{k}": v for k, v in read_tensors(files).items()})
@@ -309,13 +304,13 @@ def inspect_checkpoint(path_or_name: str | Path) -> dict:
             report["warnings"].append(str(err))
             continue
         report["dtypes"] = sorted(set(report["dtypes"]) | {dtype for _, dtype in stored.values()})
-        buffers = buffer_keys(part, configs[part]) if part in configs else set()
+        shapes, buffers = expected_layout(part, configs[part]) if part in configs else (None, set())
         for key, (shape, _) in stored.items():
             group = key.split(".")[0] if part == "vae" else "dit"  # encoder / decoder / dit
             if key not in buffers:
                 report["parameters"][group] = report["parameters"].get(group, 0) + int(torch.Size(shape).numel())
-        if part in configs:
-            report["warnings"] += mismatches(files, stored, expected_shapes(part, configs[part]))
+        if shapes is not None:
+            report["warnings"] += mismatches(files, stored, shapes)
     try:
         tokenizer = Tokenizer.from_file(root / "tokenizer.json")
         report["tokenizer_vocab_size"] = tokenizer.vocab_size
