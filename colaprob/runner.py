@@ -88,6 +88,7 @@ def run(
     score_batch: Callable[[range], xr.Dataset],
     output: str | Path,
     *,
+    finish: Callable[[xr.Dataset], xr.Dataset] = lambda merged: merged,
     ctx: Context = Context(),
     overwrite: bool = False,
     progress: bool = True,
@@ -97,9 +98,11 @@ def run(
 
     ``score_batch(items)`` returns the dataset of the sequences ``items`` (a ``range`` of
     corpus positions), with a ``sequence`` dimension of that length; its ``sequence``
-    coordinate is set here to the corpus positions. Returns the merged dataset on rank 0
-    and ``None`` on the other ranks. An ``output`` already holding this run's result is
-    read back, not recomputed.
+    coordinate is set here to the corpus positions. Variables without a ``sequence``
+    dimension must be the same in every batch: corpus-level numbers are computed by
+    ``finish(merged)`` instead, before the output is written. Returns the merged dataset on
+    rank 0 and ``None`` on the other ranks. An ``output`` already holding this run's result
+    is read back, not recomputed.
     """
     output = Path(output)
     folder = run_folder(output)
@@ -117,7 +120,8 @@ def run(
     ctx.barrier()
     merged = None
     if ctx.is_main:
-        merged = _merge(plan, folder)
+        merged = finish(_merge(plan, folder))
+        merged.attrs.update(results.provenance(plan.record), **{RUN_KEY: plan.key})
         results.write_dataset(merged, output)
         shutil.rmtree(folder)
     ctx.barrier()
@@ -235,22 +239,21 @@ def _merge(plan: Plan, folder: Path) -> xr.Dataset:
     if missing:
         raise ColaprobError(f"{folder} lacks batches {missing[:5]}; rerun the same command to compute them.")
     parts = [results.read_dataset(shard_path(folder, i)) for i in range(plan.n_batches)]
-    merged = concat_sequences(parts)
-    merged.attrs = {**_common_attrs(parts), **results.provenance(plan.record), RUN_KEY: plan.key}
-    return merged
+    return concat_sequences(parts).assign_attrs(_common_attrs(parts))
 
 
 def concat_sequences(parts: list[xr.Dataset]) -> xr.Dataset:
     """Concatenate datasets along ``sequence``; other dimensions that differ in length
     between them (``token``, ``block``, ...) are padded at the end: NaN for floats, -1 for
-    integers, False for booleans, "" for strings."""
+    integers, False for booleans, "" for strings. Variables without a ``sequence``
+    dimension must agree between the datasets and are kept once."""
     ragged = {dim for ds in parts for dim in ds.dims if dim != SEQUENCE and len({p.sizes.get(dim) for p in parts}) > 1}
     # Dimensions without a coordinate get a temporary 0..n-1 one, so an outer join pads them.
     unlabeled = {dim for dim in ragged if not any(dim in p.indexes for p in parts)}
     parts = [p.assign_coords({dim: np.arange(p.sizes[dim]) for dim in unlabeled if dim in p.dims}) for p in parts]
     fills = {name: _fill_value(var.dtype) for p in parts for name, var in p.variables.items()}
     parts = xr.align(*parts, join="outer", exclude=[SEQUENCE], fill_value=fills)
-    merged = xr.concat(parts, dim=SEQUENCE, data_vars="all", coords="different", compat="equals", join="outer")
+    merged = xr.concat(parts, dim=SEQUENCE, data_vars="minimal", coords="minimal", compat="equals", join="outer")
     return merged.drop_vars(unlabeled)
 
 

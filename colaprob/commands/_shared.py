@@ -1,0 +1,306 @@
+"""What the scoring and diagnostic commands share: option types and groups, loading the
+model with a fingerprint, reading and windowing documents, and printing the summary.
+
+Not a subcommand itself (``colaprob.cli`` lists those by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from colaprob.errors import ColaprobError
+
+FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
+ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", *FIXED_GRID_METHODS)
+
+# ---------------------------------------------------------------------------------------------
+# Option types: a bad value is an argparse error (one line, exit status 2).
+
+
+def positive_int(text: str) -> int:
+    value = _parse(int, text, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _parse(int, text, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def tolerance(text: str) -> float:
+    value = _parse(float, text, "a number")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _parse(kind, text: str, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="checkpoint folder (official HuggingFace layout: cola_dlm/ and tokenizer.json) or 'tiny', "
+        "the embedded model (default)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: a GPU if torch sees one)")
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="text files (each file one document, or one per line with --per-line) or JSONL files "
+        "(.jsonl, or any name with --jsonl) of {\"text\": ...} or {\"prompt\": ..., \"ground_truth\" | \"response\": ...}",
+    )
+    parser.add_argument("--per-line", action="store_true", help="in text files, every non-blank line is its own document")
+    parser.add_argument("--jsonl", action="store_true", help="read every input as JSONL whatever its name")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="cut a text longer than the model's max_tokens into consecutive windows at whitespace and score "
+        "each window as its own document (default: refuse such texts)",
+    )
+
+
+def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "exact") -> None:
+    group = parser.add_argument_group("prior density (CNF)")
+    group.add_argument(
+        "--trace",
+        choices=("exact", "hutchinson"),
+        default=default_trace,
+        help=f"divergence along the flow: exact (block_size*d VJPs per step) or Hutchinson probes (default: {default_trace})",
+    )
+    group.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per solve (default: 1)")
+    group.add_argument("--rtol", type=tolerance, default=1e-5, help="ODE relative tolerance of an adaptive method (default: 1e-5)")
+    group.add_argument("--atol", type=tolerance, default=1e-5, help="ODE absolute tolerance of an adaptive method (default: 1e-5)")
+    group.add_argument(
+        "--method",
+        choices=ODE_METHODS,
+        default="dopri5",
+        help="ODE solver: adaptive (dopri5, bosh3, ...; --rtol/--atol) or a fixed grid (euler, midpoint, rk4; "
+        "needs --steps) (default: dopri5)",
+    )
+    group.add_argument("--steps", type=positive_int, default=None, help="steps of a fixed-grid method")
+
+
+def cnf_options(args: argparse.Namespace) -> dict:
+    """The CNF keyword arguments of the parsed options; a fixed grid needs ``--steps``."""
+    fixed = args.method in FIXED_GRID_METHODS
+    if fixed != (args.steps is not None):
+        raise ColaprobError(
+            f"--method {args.method} needs --steps." if fixed else f"--steps is for fixed-grid methods, not for --method {args.method}."
+        )
+    options = {"method": args.method, "steps": args.steps} if fixed else {"method": args.method, "rtol": args.rtol, "atol": args.atol}
+    if args.trace == "hutchinson":
+        options["n_probes"] = args.probes
+    return options
+
+
+def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> None:
+    parser.add_argument("-o", "--output", type=Path, default=Path(default_output), help=f"result file (default: {default_output})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing result or unfinished run made with other settings")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout instead of the table")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def load_model(name: str, device):
+    """``colaprob.load(name)`` in float32 evaluation mode on ``device``, plus its identity:
+    ``{"model": name, "model_config_hash": ..., "model_weights_hash": ...}``."""
+    import colaprob
+
+    model = colaprob.load(name)
+    identity = {"model": str(name), "model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
+    model = model.to(device).eval()
+    return model, identity
+
+
+def config_hash(model) -> str:
+    """A short hash of everything that configures the model: both network configurations,
+    the framing and the decoder's input space."""
+    config = {
+        "vae": model.vae_config.to_dict(),
+        "dit": model.dit_config.to_dict(),
+        "framing": model.framing.to_dict(),
+        "decoder_space": model.decoder_space,
+    }
+    return _short_hash(json.dumps(config, sort_keys=True).encode("utf-8"))
+
+
+def weights_hash(model) -> str:
+    """A short hash of every weight's bytes, so retrained weights under the same name and
+    configuration count as another model."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def read_inputs(paths: Sequence[Path], *, per_line: bool, jsonl: bool) -> list[tuple]:
+    """``(document, file name)`` for every document of every input file, in order
+    (``colaprob.data.read_documents``)."""
+    from colaprob.data import read_documents
+
+    documents = []
+    for path in paths:
+        if jsonl or path.suffix.lower() == ".jsonl":
+            mode = "jsonl"
+        else:
+            mode = "lines" if per_line else "file"
+        documents += [(doc, path.name) for doc in read_documents(path, mode)]
+    return documents
+
+
+def fingerprint(documents: Sequence) -> str:
+    """A short hash of the documents' texts and prompts: a resumed run must score the same."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(json.dumps([doc.prompt, doc.text]).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:16]
+
+
+def framed_length_fn(model) -> Callable[[str], int]:
+    """``text -> its framed length in tokens`` for ``model`` (bos, text, eos, block padding),
+    counted the way ``model.frame`` counts it."""
+    framing = model.framing
+    multiple = model.patch_size * model.block_size
+    extra = (framing.bos_id is not None) + (framing.eos_id is not None)
+
+    def framed_length(text: str) -> int:
+        n = len(model.tokenizer.encode(text)) + extra
+        return n + (-n % multiple)
+
+    return framed_length
+
+
+def check_lengths(texts: Sequence[str], framed_length: Callable[[str], int], max_tokens: int | None, what: str = "document") -> None:
+    """Refuse, before any work, the first text whose framed length exceeds ``max_tokens``."""
+    if max_tokens is None:
+        return
+    for i, text in enumerate(texts):
+        n = framed_length(text)
+        if n > max_tokens:
+            raise ColaprobError(
+                f"{what} {i} is {n} tokens long once framed, more than the model's limit of {max_tokens}; "
+                "shorten it or pass --split to score it in windows."
+            )
+
+
+def split_into_windows(text: str, fits: Callable[[str], bool]) -> list[str]:
+    """Cut ``text`` into consecutive windows that each ``fits``: as many whole
+    whitespace-separated words as fit; a word that does not fit alone is cut between
+    characters. The whitespace at a cut is dropped; whitespace inside a window is kept."""
+    pieces = []  # (start, end) spans of text that fit on their own
+    for word in re.finditer(r"\S+", text) if text.strip() else [re.match(r"[\s\S]*", text)]:
+        pieces += _cut_to_fit(text, word.start(), word.end(), fits)
+    windows, first = [], 0
+    while first < len(pieces):
+        # The longest run of pieces from `first` that fits (binary search: longer runs have
+        # more tokens).
+        lo, hi = first + 1, len(pieces)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(text[pieces[first][0] : pieces[mid - 1][1]]):
+                lo = mid
+            else:
+                hi = mid - 1
+        windows.append(text[pieces[first][0] : pieces[lo - 1][1]])
+        first = lo
+    return windows
+
+
+def _cut_to_fit(text: str, start: int, end: int, fits: Callable[[str], bool]) -> list[tuple[int, int]]:
+    spans = []
+    while start < end:
+        lo, hi = start + 1, end  # the longest prefix text[start:stop] that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(text[start:mid]):
+                lo = mid
+            else:
+                hi = mid - 1
+        if not fits(text[start:lo]):
+            raise ColaprobError(f"the model's max_tokens is too small to hold even one character ({text[start]!r}) once framed.")
+        spans.append((start, lo))
+        start = lo
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]], file=None) -> None:
+    """A plain aligned table: ``columns`` are (key, heading) pairs; floats get 4 digits."""
+    file = file or sys.stdout
+    cells = [[heading for _, heading in columns]]
+    cells += [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for n, line in enumerate(cells):
+        print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))), file=file)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e6 else f"{value:.4g}"
+    return str(value)
+
+
+def plus_minus(value: float, se: float) -> str:
+    """``value ± se`` with 4 decimals, or 4 significant digits for large numbers."""
+    if abs(value) < 1e4:
+        return f"{value:.4f} ± {se:.4f}"
+    return f"{value:.4g} ± {se:.2g}"
+
+
+def print_json(summary: dict) -> None:
+    """``summary`` as strict JSON on stdout: NaN and infinities become null."""
+    print(json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False))
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
