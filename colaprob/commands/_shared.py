@@ -191,31 +191,30 @@ def fingerprint(documents: Sequence) -> str:
     return digest.hexdigest()[:16]
 
 
-def framed_length_fn(model) -> Callable[[str], int]:
-    """``text -> its framed length in tokens`` for ``model`` (bos, text, eos, block padding),
-    counted the way ``model.frame`` counts it."""
+def framed_length_fn(model) -> Callable[..., int]:
+    """``(text, prompt=None) -> framed length in tokens`` for ``model``: bos, the prompt's
+    tokens, the text's tokens, eos, padding to whole blocks (as ``model.frame`` counts)."""
     framing = model.framing
     multiple = model.patch_size * model.block_size
     extra = (framing.bos_id is not None) + (framing.eos_id is not None)
 
-    def framed_length(text: str) -> int:
-        n = len(model.tokenizer.encode(text)) + extra
+    def framed_length(text: str, prompt: str | None = None) -> int:
+        n = len(model.tokenizer.encode(text)) + len(model.tokenizer.encode(prompt or "")) + extra
         return n + (-n % multiple)
 
     return framed_length
 
 
-def check_lengths(texts: Sequence[str], framed_length: Callable[[str], int], max_tokens: int | None, what: str = "document") -> None:
-    """Refuse, before any work, the first text whose framed length exceeds ``max_tokens``."""
+def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_tokens: int | None) -> None:
+    """Refuse, before any work, the first document (prompt included) whose framed length
+    exceeds ``max_tokens``."""
     if max_tokens is None:
         return
-    for i, text in enumerate(texts):
-        n = framed_length(text)
+    for i, doc in enumerate(documents):
+        n = framed_length(doc.text, doc.prompt)
         if n > max_tokens:
-            raise ColaprobError(
-                f"{what} {i} is {n} tokens long once framed, more than the model's limit of {max_tokens}; "
-                "shorten it or pass --split to score it in windows."
-            )
+            advice = "shorten the pair" if doc.prompt is not None else "shorten it or pass --split to score it in windows"
+            raise ColaprobError(f"document {i} is {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
 
 
 def split_into_windows(text: str, fits: Callable[[str], bool]) -> list[str]:

@@ -1,20 +1,25 @@
 """``colaprob score``: log-likelihood of every document of a corpus, resumable and shardable.
 
 Documents come from text files (a whole file, or one per line with ``--per-line``) and
-JSONL files (``{"text": ...}``; ``{"prompt": ..., "ground_truth" | "response": ...}`` pairs
-are scored as prefix-response, ``log p(response | prompt)``). They are scored in batches of
-``--batch-size`` in corpus order, each batch saved as it finishes (see
-``colaprob.runner``), and merged into one NetCDF file with a row per scored sequence.
+JSONL files (``{"text": ...}``, or ``{"prompt": ..., "ground_truth" | "response": ...}``
+pairs, scored as prefix-response: ``log p(response | prompt)`` with the conditional
+estimator). They are scored in batches of ``--batch-size`` in corpus order, each batch saved
+as it finishes (``colaprob.runner``), and merged into one NetCDF file, a row per sequence.
+
+A pair is framed as ``[bos] + tokens(prompt) + tokens(response) + [eos]`` and padding, the
+prompt tokenized on its own as generation does; the units (nats/token, bits/byte,
+perplexities) count the response alone.
 
 A text whose framed length exceeds the model's ``max_tokens`` is refused (with both numbers)
 unless ``--split`` cuts it into consecutive windows at whitespace; each window is then scored
-as an independent document, so a split document's log-likelihood is the sum over windows
-of ``log p(window)``, not ``log p(document)``.
+as an independent document, so a split document's log-likelihood is the sum over windows of
+``log p(window)``, not ``log p(document)``. Pairs are never split.
 """
 
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
@@ -23,10 +28,11 @@ from colaprob import distributed, results, runner
 from colaprob.commands import _shared
 from colaprob.errors import ColaprobError
 
-HELP = "score documents: ELBO or IWAE log-likelihood, nats/token, bits/byte, perplexity (NetCDF output)"
+HELP = "score documents: ELBO, IWAE or prompt-response log-likelihood, nats/token, bits/byte, perplexity (NetCDF)"
 
-ESTIMATORS = ("elbo", "iwae")
+ESTIMATORS = ("elbo", "iwae", "conditional")
 WINDOW_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
+UNITS = ("nats_per_token", "bits_per_byte", "token_perplexity", "word_perplexity")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,19 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--estimator",
         choices=ESTIMATORS,
-        default="elbo",
-        help="elbo: a lower bound, cheap, its SE shrinks with K; iwae: IWAE-K, a tighter bound in expectation, "
-        "with k-hat reliability (default: elbo)",
+        default=None,
+        help="elbo: a lower bound, cheapest; iwae: IWAE-K, a lower bound in expectation that tightens with K, "
+        "with a k-hat reliability flag; conditional: log p(response | prompt) for prompt-response pairs "
+        "(default: elbo for texts, conditional for pairs)",
     )
     group.add_argument("-K", "--samples", type=_shared.positive_int, default=16, help="posterior samples per document (default: 16)")
     group.add_argument(
         "--chunk-size",
         type=_shared.positive_int,
         default=32,
-        help="samples solved together; bounds memory (part of the settings: with an adaptive solver it moves "
-        "the numbers within the tolerance) (default: 32)",
+        help="samples solved together, to bound memory; part of the settings, since with an adaptive solver it "
+        "moves the numbers within the tolerance (default: 32)",
     )
     group.add_argument("--batch-size", type=_shared.positive_int, default=8, help="documents per batch and per saved shard (default: 8)")
+    group.add_argument(
+        "--no-direct",
+        action="store_true",
+        help="pairs: skip the direct estimate log p(response | prompt latents) that conditional adds (halves the cost)",
+    )
     _shared.add_cnf_options(parser)
     _shared.add_output_options(parser, "scores.nc")
 
@@ -67,100 +79,139 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class Job:
-    """Everything ``runner.run`` needs, built and checked before any work starts: the
-    sequences to score (documents or their windows), the model and the settings."""
-
-    def __init__(self, args, ctx, model, identity, sequences):
-        self.args, self.model, self.sequences = args, model, sequences
-        self.cnf_options = _shared.cnf_options(args)
-        settings = {
-            **identity,
-            "inputs": [path.name for path in args.inputs],
-            "input_fingerprint": _shared.fingerprint([s.document for s in sequences]),
-            "reading": "jsonl" if args.jsonl else ("per-line" if args.per_line else "whole-file or jsonl by suffix"),
-            "estimator_name": args.estimator,
-            "K": args.samples,
-            "chunk_size": args.chunk_size,
-            "trace": args.trace,
-            **self.cnf_options,
-            "seed": args.seed,
-            "device_type": ctx.device.type,
-            "max_tokens": model.framing.max_tokens,
-            "windows": WINDOW_NOTE if any(s.window > 0 for s in sequences) else "none",
-        }
-        self.plan = runner.Plan(settings, n_items=len(sequences), batch_size=args.batch_size)
-
-    def score_batch(self, items: range) -> xr.Dataset:
-        from colaprob.estimators import elbo, iwae
-
-        chosen = [self.sequences[i] for i in items]
-        batch = self.model.frame([s.document.text for s in chosen])
-        estimate = {"elbo": elbo, "iwae": iwae}[self.args.estimator]
-        ds = estimate(
-            self.model,
-            batch,
-            self.args.samples,
-            seed=self.args.seed,
-            sequence_ids=list(items),
-            chunk_size=self.args.chunk_size,
-            trace=self.args.trace,
-            **self.cnf_options,
-        )
-        return with_identity(ds, chosen)
-
-
-class Sequence:
-    """One scored row: a document, or window ``window`` of document ``index``."""
+class Row:
+    """One scored sequence: document ``index`` of the corpus, or its window ``window``."""
 
     def __init__(self, document, index: int, window: int, source: str):
         self.document, self.index, self.window, self.source = document, index, window, source
 
 
-def prepare(args, ctx) -> Job:
+def prepare(args, ctx) -> "Job":
     """Read and check everything, so a mistake stops the run before any file is written."""
-    _shared.cnf_options(args)
+    cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
-    if any(doc.prompt is not None for doc, _ in documents):
-        raise ColaprobError("prompt-response pairs need the conditional estimator, which this build does not have yet.")
+    estimator = choose_estimator(args.estimator, [doc for doc, _ in documents])
     model, identity = _shared.load_model(args.model, ctx.device)
-    sequences = windows(model, documents, args.split)
+    rows = cut_rows(model, documents, args.split)
     results.check_writable(args.output)
-    return Job(args, ctx, model, identity, sequences)
+    return Job(args, ctx, model, identity, rows, estimator, cnf_options)
 
 
-def windows(model, documents, split: bool) -> list[Sequence]:
-    """The rows to score: every document that fits, and with ``split`` the windows of those
-    that do not (see the module docstring); without ``split`` a long document is refused."""
+def choose_estimator(asked: str | None, documents) -> str:
+    """``conditional`` for prompt-response pairs, ``elbo`` or ``iwae`` for plain texts."""
+    pairs = sum(doc.prompt is not None for doc in documents)
+    if 0 < pairs < len(documents):
+        raise ColaprobError(
+            f"the input mixes {pairs} prompt-response pairs with {len(documents) - pairs} plain texts; score them in separate runs."
+        )
+    if asked is None:
+        return "conditional" if pairs else "elbo"
+    if (asked == "conditional") != bool(pairs):
+        needed = "prompt-response pairs" if asked == "conditional" else "plain texts (the input holds prompt-response pairs)"
+        raise ColaprobError(f"--estimator {asked} scores {needed}; use --estimator {'conditional' if pairs else 'elbo or iwae'}.")
+    return asked
+
+
+def cut_rows(model, documents, split: bool) -> list[Row]:
+    """The sequences to score: every document, and with ``split`` the windows of those that
+    exceed ``max_tokens`` (see the module docstring); without ``split`` they are refused."""
     from colaprob.data import Document
 
     limit = model.framing.max_tokens
     framed_length = _shared.framed_length_fn(model)
-    if not split:
-        _shared.check_lengths([doc.text for doc, _ in documents], framed_length, limit)
-        return [Sequence(doc, i, 0, source) for i, (doc, source) in enumerate(documents)]
-    fits = lambda text: limit is None or framed_length(text) <= limit
+    fits = lambda doc: limit is None or framed_length(doc.text, doc.prompt) <= limit
     rows = []
     for i, (doc, source) in enumerate(documents):
-        pieces = [doc.text] if fits(doc.text) else _shared.split_into_windows(doc.text, fits)
-        rows += [Sequence(Document(piece, doc.prompt), i, w, source) for w, piece in enumerate(pieces)]
+        if fits(doc) or not split or doc.prompt is not None:
+            rows.append(Row(doc, i, 0, source))
+            continue
+        pieces = _shared.split_into_windows(doc.text, lambda text: fits(Document(text)))
+        rows += [Row(Document(piece), i, w, source) for w, piece in enumerate(pieces)]
+    _shared.check_lengths([row.document for row in rows], framed_length, limit)
     return rows
 
 
-def with_identity(ds: xr.Dataset, chosen: list[Sequence]) -> xr.Dataset:
+class Job:
+    """Everything ``runner.run`` needs: the rows, the model and the settings."""
+
+    def __init__(self, args, ctx, model, identity, rows, estimator, cnf_options):
+        self.args, self.model, self.rows, self.estimator = args, model, rows, estimator
+        self.cnf_options = cnf_options
+        settings = {
+            **identity,
+            "inputs": [path.name for path in args.inputs],
+            "input_fingerprint": _shared.fingerprint([row.document for row in rows]),
+            "reading": "jsonl" if args.jsonl else ("per-line" if args.per_line else "whole-file (jsonl by suffix)"),
+            "estimator_name": estimator,
+            "direct": estimator == "conditional" and not args.no_direct,
+            "K": args.samples,
+            "chunk_size": args.chunk_size,
+            "trace": args.trace,
+            **cnf_options,
+            "seed": args.seed,
+            "device_type": ctx.device.type,
+            "max_tokens": model.framing.max_tokens,
+            "windows": WINDOW_NOTE if any(row.window > 0 for row in rows) else "none",
+        }
+        self.plan = runner.Plan(settings, n_items=len(rows), batch_size=args.batch_size)
+
+    def score_batch(self, items: range) -> xr.Dataset:
+        from colaprob import estimators
+
+        chosen = [self.rows[i] for i in items]
+        options = dict(seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
+        if self.estimator == "conditional":
+            batch, prefix_tokens, response = frame_pairs(self.model, [row.document for row in chosen])
+            ds = estimators.conditional(
+                self.model, batch, prefix_tokens, self.args.samples, response=response, direct=not self.args.no_direct, **options
+            )
+        else:
+            batch = self.model.frame([row.document.text for row in chosen])
+            ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
+        return with_identity(ds, chosen)
+
+
+class _PromptThenText:
+    """A tokenizer for ``colaprob.tokenizer.frame`` whose encoding of text ``i`` is prompt
+    ``i``'s tokens followed by the text's, each tokenized on its own."""
+
+    def __init__(self, tokenizer, prompts: list[str]):
+        self.tokenizer, self.prompts = tokenizer, prompts
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        prompts = self.tokenizer.encode_batch(self.prompts)
+        return [p + t for p, t in zip(prompts, self.tokenizer.encode_batch(texts))]
+
+
+def frame_pairs(model, documents):
+    """Framed prompt + response sequences, the framed length of each prefix (bos and prompt),
+    and the response's own counts (tokens + eos, bytes, words) for the units."""
+    from colaprob.tokenizer import frame
+
+    prompts = [doc.prompt for doc in documents]
+    batch = frame(_PromptThenText(model.tokenizer, prompts), model.framing, [doc.text for doc in documents], model.patch_size * model.block_size)
+    prompt_tokens = np.array([len(ids) for ids in model.tokenizer.encode_batch(prompts)])
+    prefix_tokens = prompt_tokens + (model.framing.bos_id is not None)
+    response = SimpleNamespace(n_tokens=batch.n_tokens.numpy() - prompt_tokens, n_bytes=batch.n_bytes.numpy(), n_words=batch.n_words.numpy())
+    return batch, prefix_tokens, response
+
+
+def with_identity(ds: xr.Dataset, chosen: list[Row]) -> xr.Dataset:
     """The estimate of a batch with what each row is, and without the corpus-level numbers
     of this batch alone (``finish`` computes them for the whole corpus). The batch's
     function evaluations, an attribute of the estimate, become a per-row variable."""
     per_row = ds.drop_vars([name for name, var in ds.data_vars.items() if "sequence" not in var.dims])
-    nfe = ds.attrs.get("nfe")
-    per_row.attrs.pop("nfe", None)
-    return per_row.assign(
-        document=("sequence", np.array([s.index for s in chosen])),
-        window=("sequence", np.array([s.window for s in chosen])),
-        source=("sequence", np.array([s.source for s in chosen], dtype=object)),
-        text=("sequence", np.array([s.document.text for s in chosen], dtype=object)),
-        batch_nfe=("sequence", np.full(len(chosen), -1 if nfe is None else int(nfe))),
-    )
+    nfe = per_row.attrs.pop("nfe", -1)
+    identity = {
+        "document": ("sequence", np.array([row.index for row in chosen])),
+        "window": ("sequence", np.array([row.window for row in chosen])),
+        "source": ("sequence", np.array([row.source for row in chosen], dtype=object)),
+        "text": ("sequence", np.array([row.document.text for row in chosen], dtype=object)),
+        "batch_nfe": ("sequence", np.full(len(chosen), int(nfe))),
+    }
+    if chosen[0].document.prompt is not None:
+        identity["prompt"] = ("sequence", np.array([row.document.prompt for row in chosen], dtype=object))
+    return per_row.assign(identity)
 
 
 def finish(merged: xr.Dataset) -> xr.Dataset:
@@ -182,14 +233,24 @@ def summary(ds: xr.Dataset, output) -> dict:
         "documents": int(np.unique(ds["document"].values).size),
         "tokens": int(ds["n_tokens"].sum()),
         "log_likelihood": float(ds["log_likelihood"].sum()),
+        "log_likelihood_se": float(np.sqrt((ds["log_likelihood_se"] ** 2).sum())),
     }
-    for name in ("nats_per_token", "bits_per_byte", "token_perplexity", "word_perplexity"):
+    for name in UNITS:
         row[name] = float(ds[f"corpus_{name}"])
         row[f"{name}_se"] = float(ds[f"corpus_{name}_se"])
     if "reliable" in ds:
         row["reliable_fraction"] = float(ds["reliable"].mean())
+    if "direct_log_likelihood" in ds:
+        applies = ds["direct_applies"].values.astype(bool)
+        row["direct_nats_per_token"] = -float(ds["direct_log_likelihood"].values[applies].sum()) / max(int(ds["n_tokens"].values[applies].sum()), 1)
     row["output"] = str(output)
     return row
+
+
+def short_name(ds: xr.Dataset) -> str:
+    """``ELBO K=16``, ``IWAE-16`` or ``conditional IWAE-16`` (the full name is in the attrs)."""
+    K = ds.attrs.get("K")
+    return {"elbo": f"ELBO K={K}", "iwae": f"IWAE-{K}", "conditional": f"conditional IWAE-{K}"}[ds.attrs["estimator_name"]]
 
 
 def report(ds: xr.Dataset, args) -> None:
@@ -197,12 +258,12 @@ def report(ds: xr.Dataset, args) -> None:
     if args.json:
         _shared.print_json(row)
         return
-    table = {k: row[k] for k in ("estimator", "sequences", "tokens")}
-    for name in ("nats_per_token", "bits_per_byte", "token_perplexity", "word_perplexity"):
-        table[name] = _shared.plus_minus(row[name], row[f"{name}_se"])
-    columns = [(k, k.replace("_", " ")) for k in table]
-    if "reliable_fraction" in row:
-        table["reliable_fraction"] = row["reliable_fraction"]
-        columns.append(("reliable_fraction", "k-hat reliable"))
+    table = {"estimator": short_name(ds), "sequences": row["sequences"], "tokens": row["tokens"]}
+    table.update({name: _shared.plus_minus(row[name], row[f"{name}_se"]) for name in UNITS})
+    columns = [(key, key.replace("_", " ")) for key in table]
+    for extra, heading in (("reliable_fraction", "k-hat reliable"), ("direct_nats_per_token", "direct nats/token")):
+        if extra in row:
+            table[extra] = row[extra]
+            columns.append((extra, heading))
     _shared.print_table([table], columns)
     print(f"results: {args.output}")
