@@ -1,0 +1,148 @@
+"""``colaprob train``: train a byte-level Cola model from scratch (stage 1, then stage 2).
+
+The data is the embedded corpus (``pydoc_data.topics``, train and held-out splits) unless
+``--train`` / ``--heldout`` name files; documents longer than the model's ``--max-tokens``
+are cut into paragraph pieces that fit. The model is saved in the official layout to
+``--out``, with its training log; rerunning an interrupted command resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+import typing
+
+import torch
+
+from colaprob.config import DiTConfig, VAEConfig
+from colaprob.data import MODES, Document, chunk_paragraph, embedded_corpus, read_documents
+from colaprob.errors import ColaprobError
+from colaprob.model import DECODER_SPACES, ColaModel
+from colaprob.tokenizer import END_OF_TEXT, PAD, Framing, byte_level_tokenizer
+from colaprob.train import TrainConfig, init_weights, train
+
+HELP = "train a byte-level Cola model (Text VAE, then VAE + DiT prior) on the embedded corpus or your files"
+
+# The network options and what they set: (option, config field, default, help).
+VAE_OPTIONS = [
+    ("--latent-dim", "latent_dim", 16, "latent channels d"),
+    ("--patch-size", "patch_size", 1, "tokens per latent position"),
+    ("--vae-dim", "dim", 128, "VAE width"),
+    ("--vae-heads", "num_heads", 4, "VAE attention heads"),
+    ("--vae-ffn-dim", "ffn_dim", 512, "VAE SwiGLU width (before halving)"),
+    ("--vae-blocks", None, 2, "transformer blocks of the encoder and of the decoder, each"),
+    ("--vae-block-size", "block_size", 4, "VAE attention block, in latent positions"),
+]
+DIT_OPTIONS = [
+    ("--dit-width", "txt_dim", 128, "DiT width"),
+    ("--dit-heads", "heads", 2, "DiT attention heads"),
+    ("--dit-head-dim", "head_dim", 64, "DiT head width"),
+    ("--dit-rope-dim", "rope_dim", 48, "rotated channels per DiT head"),
+    ("--dit-layers", "num_layers", 4, "DiT blocks"),
+    ("--dit-expand", "expand_ratio", 4, "DiT MLP width / DiT width"),
+    ("--dit-block-size", "block_size", 4, "DiT (generation) block, in latent positions"),
+]
+
+
+def add_arguments(parser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--out", required=True, help="folder the trained model is saved to")
+    data.add_argument("--work", help="folder of the checkpoint and log while training (default: OUT.work)")
+    data.add_argument("--train", help="training documents (text or JSONL; default: the embedded train split)")
+    data.add_argument("--heldout", help="held-out documents (default: the embedded held-out split)")
+    data.add_argument("--mode", choices=MODES, default="auto", help="how --train and --heldout are read (see colaprob.data)")
+    data.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
+    net = parser.add_argument_group("model")
+    for option, _, default, help in VAE_OPTIONS + DIT_OPTIONS:
+        net.add_argument(option, type=int, default=default, help=f"{help} (default {default})")
+    net.add_argument("--max-tokens", type=int, default=128, help="longest framed sequence, in tokens (default 128)")
+    net.add_argument("--decoder-space", choices=DECODER_SPACES, default="vae", help="latents the decoder reads (default vae)")
+
+    run = parser.add_argument_group("training")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        option = "--" + f.name.replace("_", "-")
+        kind = _parse_floats if f.name == "block_size_probs" else hints[f.name]
+        run.add_argument(option, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def build_model(args) -> ColaModel:
+    """A freshly initialised byte-level model with the network options of ``args``."""
+    tokenizer = byte_level_tokenizer()
+    vae_fields = {name: getattr(args, opt[2:].replace("-", "_")) for opt, name, _, _ in VAE_OPTIONS if name}
+    vae = VAEConfig(
+        vocab_size=tokenizer.vocab_size,
+        encoder_num_blocks=args.vae_blocks,
+        decoder_num_blocks=args.vae_blocks,
+        **vae_fields,
+    )
+    dit_fields = {name: getattr(args, opt[2:].replace("-", "_")) for opt, name, _, _ in DIT_OPTIONS}
+    dit = DiTConfig(
+        txt_in_channels=args.latent_dim, txt_out_channels=args.latent_dim, emb_dim=args.dit_width, **dit_fields
+    )
+    framing = Framing(
+        bos_id=None, eos_id=tokenizer.token_to_id(END_OF_TEXT), pad_id=tokenizer.token_to_id(PAD), max_tokens=args.max_tokens
+    )
+    vae.validate("the VAE options")
+    dit.validate("the DiT options")
+    model = ColaModel(vae, dit, tokenizer, framing, decoder_space=args.decoder_space)
+    init_weights(model, args.seed)
+    return model
+
+
+def documents(path: str | None, split: str, mode: str, max_bytes: int) -> tuple[list[Document], str]:
+    """The documents of a file (pieces of at most ``max_bytes``; a prompt is trained on as
+    the start of its text) or of the embedded split, and a description for the model's info."""
+    if path is None:
+        docs = embedded_corpus(split, max_bytes)
+        version = ".".join(map(str, sys.version_info[:3]))
+        return docs, f"embedded pydoc_data.topics, {split} split (colaprob.data), Python {version}"
+    docs = [
+        Document(piece)
+        for doc in read_documents(path, mode)
+        for piece in chunk_paragraph((doc.prompt or "") + doc.text, max_bytes)
+    ]
+    return docs, str(path)
+
+
+def command_line(args) -> str:
+    """The command with every option spelled out, defaults included: it reproduces the run
+    even if a later version changes a default."""
+    words = ["colaprob", "train"]
+    for key, value in vars(args).items():
+        if key in ("command", "_run") or value is None:
+            continue
+        words += ["--" + key.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return shlex.join(words)
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    model = build_model(args)
+    max_bytes = args.max_tokens - (model.framing.eos_id is not None)
+    train_docs, train_source = documents(args.train, "train", args.mode, max_bytes)
+    heldout_docs, heldout_source = documents(args.heldout, "heldout", args.mode, max_bytes)
+    if not heldout_docs:
+        raise ColaprobError("the held-out data holds no document.")
+    info = {
+        "command": command_line(args),
+        "data": {
+            "train": {"source": train_source, "documents": len(train_docs), "bytes": sum(len(d.text.encode()) for d in train_docs)},
+            "heldout": {"source": heldout_source, "documents": len(heldout_docs)},
+        },
+        "torch": torch.__version__,
+    }
+    figures = train(model, config, args.out, train_docs, heldout_docs, work_dir=args.work, info=info)
+    print(
+        f"saved {args.out}: held-out reconstruction accuracy {figures['recon_acc']:.4f}, flow-matching loss "
+        f"{figures['fm_loss']:.4f} (zero-velocity baseline {figures['fm_zero_baseline']:.4f})"
+    )
+    return 0
