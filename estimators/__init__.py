@@ -1,1 +1,13 @@
-"""Likelihood estimators on the ``colaprob.protocol.LatentModel`` interface."""
+"""Likelihood estimators on the ``colaprob.protocol.LatentModel`` interface.
+
+``cnf`` (a module: ``cnf.log_prob``, ``cnf.block_causal_log_prob``, ``cnf.sample``) and the
+estimators ``elbo``, ``iwae``, ``conditional`` (functions, each returning an
+``xarray.Dataset``); ``statistics`` and ``units`` summarise their output.
+"""
+
+from colaprob.estimators import cnf, statistics, units
+from colaprob.estimators.conditional import conditional
+from colaprob.estimators.elbo import elbo
+from colaprob.estimators.iwae import iwae
+
+__all__ = ["cnf", "conditional", "elbo", "iwae", "statistics", "units"]

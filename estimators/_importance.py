@@ -1,0 +1,262 @@
+"""Posterior draws and the terms of their importance weights: the core of ELBO, IWAE and
+prefix-response scoring.
+
+Sample ``k`` of a sequence is ``z_k = mean + std * eps_k`` from ``q_phi(z | x)``, and
+
+    log w_k = log p_theta(x | z_k) + log p_psi(z_k) - log q_phi(z_k | x),
+
+with the decoder terms of the counted tokens (``< batch.lengths``), the prior by the
+block-causal CNF on ``u = to_prior_space(z)`` plus ``d log|scale|`` per integrated latent
+position (blocks at or beyond a sequence's length never count), all in float64.
+
+Randomness: ``eps_k`` of a sequence (and its Hutchinson probes) come from a generator seeded
+by ``(seed, stream, sequence key, k)`` alone and drawn in the sequence's own shape, so a
+sequence gets the same numbers whatever batch, shard, chunk size or resumed run it is in
+(with an adaptive solver the shared step sizes still differ, within the tolerance; fixed-step
+solvers reproduce exactly). K is processed ``chunk_size`` samples at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from colaprob.estimators import cnf, statistics, units
+from colaprob.protocol import TokenBatch, to_prior_space
+
+POSTERIOR_STREAM, PROBE_STREAM = 0, 1
+
+
+def sequence_keys(batch: TokenBatch, sequence_ids=None) -> Tensor:
+    """[B] non-negative integer keys of the random streams (default: the row index)."""
+    keys = torch.arange(len(batch)) if sequence_ids is None else torch.as_tensor(sequence_ids, dtype=torch.long).reshape(-1)
+    if len(keys) != len(batch) or (keys < 0).any():
+        raise ValueError("sequence_ids must be one non-negative integer per sequence")
+    return keys
+
+
+def stream_draws(seed: int, stream: int, keys: Tensor, indices: range, lengths: Tensor, width: int, kind: str = "gaussian", leading: tuple[int, ...] = ()) -> Tensor:
+    """Draws for samples ``indices`` of every sequence: [*leading, len(indices), B, max length,
+    width] float64, sequence ``b`` filled for its first ``lengths[b]`` positions (zero after).
+
+    Position-major, so a sequence's draws at its first positions do not depend on its length
+    (a prefix-only batch gets the prefix's numbers). ``kind``: ``"gaussian"`` or
+    ``"rademacher"``."""
+    if kind not in ("gaussian", "rademacher"):
+        raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {kind!r}")
+    out = torch.zeros(*leading, len(indices), len(keys), int(lengths.max()), width, dtype=torch.float64)
+    for b, (key, n) in enumerate(zip(keys.tolist(), lengths.tolist())):
+        for j, k in enumerate(indices):
+            rng = np.random.default_rng([seed, stream, key, k])
+            shape = (n, *leading, width)
+            x = rng.standard_normal(shape) if kind == "gaussian" else np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+            out[..., j, b, :n, :] = torch.from_numpy(np.moveaxis(x, 0, -2))
+    return out
+
+
+@dataclass
+class Draws:
+    """Weight terms of the draws of a batch.
+
+    ``per_sample``: name -> [B, K] float64, NaN beyond a row's ``n_samples``: ``decoder``,
+    ``prior`` and ``posterior`` (``log p(x|z)``, ``log p(z)``, ``log q(z|x)`` over the counted
+    tokens and latents), with ``prefix_tokens`` also ``decoder_prefix``, ``prior_prefix``,
+    ``posterior_prefix`` (prefix tokens; prior blocks covering them), and for Hutchinson
+    ``prior_probe_se``. ``sums``: name -> [B, ...] sums over a row's samples: ``token_decoder``
+    [B, N], ``block_prior`` [B, n_blocks]. ``integrated``: [B, n_blocks] the prior blocks and
+    ``counted_tokens``: [B, N] the tokens that count.
+    """
+
+    per_sample: dict[str, Tensor]
+    sums: dict[str, Tensor]
+    integrated: Tensor
+    counted_tokens: Tensor
+    n_samples: Tensor
+    nfe: int
+    settings: dict
+
+    @property
+    def log_weight(self) -> Tensor:
+        """[B, K] ``log p(x|z) + log p(z) - log q(z|x)``."""
+        return self.per_sample["decoder"] + self.per_sample["prior"] - self.per_sample["posterior"]
+
+    def extend(self, rows: Tensor, more: "Draws") -> "Draws":
+        """Append ``more``, drawn for the sequences ``rows`` with the sample indices that
+        follow theirs."""
+        n = self.n_samples.clone()
+        n[rows] += more.n_samples
+        per_sample = {}
+        for name, values in self.per_sample.items():
+            grown = torch.full((values.shape[0], int(n.max())), math.nan, dtype=torch.float64)
+            grown[:, : values.shape[1]] = values
+            for j, row in enumerate(rows.tolist()):
+                start = int(self.n_samples[row])
+                grown[row, start : start + int(more.n_samples[j])] = more.per_sample[name][j, : int(more.n_samples[j])]
+            per_sample[name] = grown
+        # A sub-batch may be narrower (fewer tokens and blocks): pad its sums.
+        widen = lambda x, like: torch.nn.functional.pad(x, (0, like.shape[-1] - x.shape[-1]))
+        sums = {name: values.index_add(0, rows, widen(more.sums[name], values)) for name, values in self.sums.items()}
+        return Draws(per_sample, sums, self.integrated, self.counted_tokens, n, self.nfe + more.nfe, self.settings)
+
+
+def draw(
+    model,
+    batch: TokenBatch,
+    n_samples: int,
+    *,
+    seed: int,
+    keys: Tensor,
+    start: int = 0,
+    chunk_size: int = 32,
+    trace: str = "exact",
+    prefix_tokens: Tensor | None = None,
+    pinned: Tensor | None = None,
+    **cnf_options,
+) -> Draws:
+    """Samples ``start .. start + n_samples - 1`` of every sequence and their weight terms.
+
+    ``prefix_tokens`` [B]: also the terms of the prefix marginal. ``pinned`` [B] latent
+    positions: hold the latents before it at the posterior mean, give them to the prior as
+    clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
+    and the latents from ``pinned`` on (the direct conditional).
+    """
+    P, bs, d = model.patch_size, model.block_size, model.latent_dim
+    B, N = batch.ids.shape
+    with torch.no_grad():
+        q = model.posterior(batch)
+    device, dtype = q.mean.device, q.mean.dtype
+    L = q.mean.shape[-2]
+    n_blocks = -(-L // bs)
+    lengths = -(-batch.lengths // P)  # latent positions per sequence
+    pinned = torch.zeros(B, dtype=torch.long) if pinned is None else torch.as_tensor(pinned).long()
+    position, token = torch.arange(L), torch.arange(N)
+    sampled = (position >= pinned[:, None]) & (position < lengths[:, None])  # [B, L]
+    counted_tokens = (token >= pinned[:, None] * P) & (token < batch.lengths[:, None])  # [B, N]
+    log_scale = math.log(abs(model.latent_scale))
+    jacobian = cnf._per_block(sampled.double(), bs) * d * log_scale  # [B, n_blocks]
+    if prefix_tokens is not None:
+        prefix_tokens = torch.as_tensor(prefix_tokens).long().expand(B)
+        covering_blocks = -(-(-(-prefix_tokens // P)) // bs)
+        prefix_blocks = torch.arange(n_blocks) < covering_blocks[:, None]
+        prefix_positions = sampled & (position < covering_blocks[:, None] * bs)
+        prefix_token_mask = counted_tokens & (token < prefix_tokens[:, None])
+    hutchinson = trace == "hutchinson"
+    n_probes = cnf_options.pop("n_probes", 1)
+    probe = cnf_options.pop("probe", "rademacher")
+
+    per_sample: dict[str, list[Tensor]] = {}
+    sums = {"token_decoder": torch.zeros(B, N, dtype=torch.float64), "block_prior": torch.zeros(B, n_blocks, dtype=torch.float64)}
+    nfe, settings = 0, {}
+    for k0 in range(start, start + n_samples, chunk_size):
+        indices = range(k0, min(k0 + chunk_size, start + n_samples))
+        eps = stream_draws(seed, POSTERIOR_STREAM, keys, indices, lengths, d).to(device, dtype)
+        eps = torch.nn.functional.pad(eps, (0, 0, 0, L - eps.shape[-2]))
+        with torch.no_grad():
+            z = torch.where(sampled.to(device)[..., None], q.sample(eps), q.mean)  # [k, B, L, d]
+            decoder = model.decoder_log_prob(z, batch).double().cpu()  # [k, B, N]
+            posterior = q.log_prob(z).cpu()  # [k, B, L]
+        probes = None
+        if hutchinson:
+            probes = stream_draws(seed, PROBE_STREAM, keys, indices, lengths, d, probe, leading=(n_probes,))
+            probes = torch.nn.functional.pad(probes, (0, 0, 0, L - probes.shape[-2])).to(device, dtype)
+        shape = (len(indices), B)
+        r = cnf.block_causal_log_prob(
+            model.prior_velocity,
+            to_prior_space(model, z),
+            bs,
+            trace,
+            prefix_len=pinned.to(device).expand(shape),
+            lengths=lengths.to(device).expand(shape),
+            probes=probes,
+            seed=seed,
+            **cnf_options,
+        )
+        nfe, settings = nfe + r.nfe, r.settings
+        block_prior = r.block_logp.cpu() + jacobian  # [k, B, n_blocks], on z
+        block_posterior = cnf._per_block(posterior * sampled, bs)
+        terms = {
+            "decoder": (decoder * counted_tokens).sum(-1),
+            "prior": block_prior.sum(-1),
+            "posterior": block_posterior.sum(-1),
+        }
+        if prefix_tokens is not None:
+            terms["decoder_prefix"] = (decoder * prefix_token_mask).sum(-1)
+            terms["prior_prefix"] = (block_prior * prefix_blocks).sum(-1)
+            terms["posterior_prefix"] = (posterior * prefix_positions).sum((-1))
+        if hutchinson:
+            terms["prior_probe_se"] = r.logp_se.cpu()
+        for name, value in terms.items():
+            per_sample.setdefault(name, []).append(value.T)
+        sums["token_decoder"] += (decoder * counted_tokens).sum(0)
+        sums["block_prior"] += block_prior.sum(0)
+    if hutchinson:  # the probes were passed to the CNF explicitly; name how they were drawn
+        settings.update(n_probes=n_probes, probe=probe)
+    return Draws(
+        per_sample={name: torch.cat(parts, 1) for name, parts in per_sample.items()},
+        sums=sums,
+        integrated=cnf._per_block(sampled.double(), bs) > 0,
+        counted_tokens=counted_tokens,
+        n_samples=torch.full((B,), n_samples, dtype=torch.long),
+        nfe=nfe,
+        settings=settings,
+    )
+
+
+def summarise(model, batch: TokenBatch, keys: Tensor, draws: Draws, average, se, estimator: str, seed: int, chunk_size: int) -> xr.Dataset:
+    """The dataset of ELBO or IWAE: ``log_likelihood = average(log_weight)`` and
+    ``log_likelihood_se = se(log_weight)`` (over ``sample``), with units and attributes."""
+    ds = weights_dataset(draws, keys, draws.log_weight)
+    ds["log_likelihood"] = average(ds["log_weight"])
+    ds["log_likelihood_se"] = se(ds["log_weight"])
+    ds = units.with_units(ds, batch.n_tokens.numpy(), batch.n_bytes.numpy(), batch.n_words.numpy())
+    return describe(ds, model, draws, estimator, seed, chunk_size)
+
+
+def weights_dataset(draws: Draws, keys: Tensor, log_weight: Tensor) -> xr.Dataset:
+    """The per-sample terms, sample means per token and block, and the weight diagnostics.
+    ``log_weight``: [B, K]."""
+    n = draws.n_samples.double()
+    token_mean = torch.where(draws.counted_tokens, draws.sums["token_decoder"] / n[:, None], math.nan)
+    block_mean = torch.where(draws.integrated, draws.sums["block_prior"] / n[:, None], math.nan)
+    samples = ("sequence", "sample")
+    ds = xr.Dataset(
+        {
+            "log_weight": (samples, log_weight.numpy()),
+            "decoder_log_prob": (samples, draws.per_sample["decoder"].numpy()),
+            "prior_log_prob": (samples, draws.per_sample["prior"].numpy()),
+            "posterior_log_prob": (samples, draws.per_sample["posterior"].numpy()),
+            "token_decoder_log_prob": (("sequence", "token"), token_mean.numpy()),
+            "block_prior_log_prob": (("sequence", "block"), block_mean.numpy()),
+            "n_samples": ("sequence", draws.n_samples.numpy()),
+        },
+        coords={"sequence": keys.numpy(), "sample": np.arange(log_weight.shape[1])},
+    )
+    if "prior_probe_se" in draws.per_sample:
+        ds["prior_probe_se"] = (samples, draws.per_sample["prior_probe_se"].numpy())
+    ds["ess"] = statistics.ess(ds["log_weight"])
+    ds["khat"] = statistics.pareto_khat(ds["log_weight"])
+    ds["khat_threshold"] = statistics.khat_threshold(ds["n_samples"])
+    return ds
+
+
+def describe(ds: xr.Dataset, model, draws: Draws, estimator: str, seed: int, chunk_size: int) -> xr.Dataset:
+    """Settings as attributes (netCDF-safe: strings and numbers only)."""
+    attrs = {
+        "estimator": estimator,
+        **{k: v for k, v in draws.settings.items() if v is not None},
+        "K": int(draws.n_samples.max()),
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "nfe": draws.nfe,
+        "block_size": model.block_size,
+        "patch_size": model.patch_size,
+        "latent_scale": model.latent_scale,
+        "latent_shift": model.latent_shift,
+    }
+    ds.attrs.update(attrs)
+    return ds

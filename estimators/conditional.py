@@ -1,0 +1,118 @@
+"""Prefix-response scoring: ``log p(x_res | x_pre)``.
+
+Two estimates, both from posterior draws of the whole text:
+
+* ``log_likelihood``: ``log p(x) - log p(x_pre)``, each an IWAE-K on the SAME draws ``z_k ~
+  q(z | x)`` (common random numbers). For ``p(x_pre)`` a draw contributes the latents of the
+  prior blocks covering the prefix and the decoder terms of the prefix tokens only:
+
+      w_k^pre = p(x_pre | z_k) p(z_k^(covering blocks)) / q(z_k^(covering blocks) | x),
+
+  a valid importance weight for any proposal, because the decoder is causal (prefix tokens
+  read only latents of the covering blocks) and the prior is block-causal. With a causal
+  encoder and a prefix ending on a block boundary, the proposal is the prefix-only
+  posterior. Each term is consistent; their difference is no bound. Its standard error uses
+  the pairing (``statistics.paired_log_mean_exp_se``); ``variance_reduction`` is the ratio
+  of the variance independent draws would give to this one.
+
+* ``direct_log_likelihood``: how Cola generates a response: the prefix latents are fixed to
+  the posterior mean and given to the prior as clean positions (``t = 0``, also inside a
+  block), and ``log p(x_res | z_pre)`` is an IWAE-K over the response latents with the
+  response tokens' decoder terms: a lower bound in expectation on that plug-in conditional,
+  which is not ``log p(x_res | x_pre)`` of the joint model. Defined where the prefix ends on
+  a latent-position boundary (a multiple of ``patch_size`` tokens); NaN elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import xarray as xr
+
+from colaprob.estimators import _importance, statistics, units
+from colaprob.protocol import LatentModel, TokenBatch
+
+ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
+DIRECT_ESTIMATOR = "IWAE-{K} log p(x_res | z_pre = posterior mean), prefix latents clean at t = 0 (lower bound in expectation on the plug-in conditional)"
+
+
+def conditional(
+    model: LatentModel,
+    batch: TokenBatch,
+    prefix_tokens,
+    n_samples: int = 64,
+    *,
+    seed: int = 0,
+    sequence_ids=None,
+    chunk_size: int = 32,
+    response=None,
+    direct: bool = True,
+    trace: str = "exact",
+    **cnf_options,
+) -> xr.Dataset:
+    """``log p(x_res | x_pre)`` of every sequence, whose first ``prefix_tokens`` ([B] or int)
+    framed tokens are the prefix (with the model's beginning-of-text token, if its framing
+    has one) and the rest, up to ``batch.lengths``, the response.
+
+    ``response``: an object with ``n_tokens``, ``n_bytes``, ``n_words`` [B] of the response
+    alone (for example the response framed by itself); when given, the units of
+    ``log_likelihood`` are added. Other arguments as ``colaprob.estimators.elbo.elbo``.
+
+    Returns the IWAE dataset of the joint (``log_weight`` etc., see ``elbo``) with
+    ``log_joint``, ``log_prefix`` and their ``_se``, ``log_weight_prefix``, ``khat_prefix``,
+    ``ess_prefix``, ``log_likelihood`` / ``log_likelihood_se`` (the conditional),
+    ``independent_se``, ``variance_reduction``, ``prefix_tokens``, and with ``direct``:
+    ``direct_log_likelihood`` / ``_se``, ``log_weight_direct``, ``khat_direct``,
+    ``direct_applies``.
+    """
+    keys = _importance.sequence_keys(batch, sequence_ids)
+    prefix = torch.as_tensor(prefix_tokens, dtype=torch.long).expand(len(batch))
+    if ((prefix < 0) | (prefix > batch.lengths)).any():
+        raise ValueError("prefix_tokens must lie between 0 and each sequence's length")
+    options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
+    draws = _importance.draw(model, batch, n_samples, keys=keys, prefix_tokens=prefix, **options)
+    ds = _importance.weights_dataset(draws, keys, draws.log_weight)
+    s = draws.per_sample
+    ds["log_weight_prefix"] = (("sequence", "sample"), (s["decoder_prefix"] + s["prior_prefix"] - s["posterior_prefix"]).numpy())
+    ds["prefix_tokens"] = ("sequence", prefix.numpy())
+    for name, weights in (("joint", "log_weight"), ("prefix", "log_weight_prefix")):
+        ds[f"log_{name}"] = statistics.log_mean_exp(ds[weights])
+        ds[f"log_{name}_se"] = statistics.log_mean_exp_se(ds[weights])
+    ds["khat_prefix"] = statistics.pareto_khat(ds["log_weight_prefix"])
+    ds["ess_prefix"] = statistics.ess(ds["log_weight_prefix"])
+    ds["log_likelihood"] = ds["log_joint"] - ds["log_prefix"]
+    ds["log_likelihood_se"] = statistics.paired_log_mean_exp_se(ds["log_weight"], ds["log_weight_prefix"])
+    ds["independent_se"] = np.sqrt(ds["log_joint_se"] ** 2 + ds["log_prefix_se"] ** 2)
+    ds["variance_reduction"] = (ds["independent_se"] / ds["log_likelihood_se"]) ** 2
+    if direct:
+        ds = ds.merge(_direct(model, batch, keys, prefix, n_samples, options, ds.sizes["sample"]))
+    if response is not None:
+        ds = units.with_units(ds, *(np.asarray(getattr(response, name)) for name in units.COUNTS))
+    ds = _importance.describe(ds, model, draws, ESTIMATOR.format(K=n_samples), seed, chunk_size)
+    if direct:
+        ds.attrs["direct_estimator"] = DIRECT_ESTIMATOR.format(K=n_samples)
+    return ds
+
+
+def _direct(model, batch, keys, prefix, n_samples, options, width) -> xr.Dataset:
+    """The direct conditional on the rows whose prefix ends on a latent position (NaN
+    elsewhere); its draws reuse each sequence's stream, so the response latents are the same
+    draws as the joint's."""
+    applies = prefix % model.patch_size == 0
+    rows = torch.nonzero(applies)[:, 0]
+    log_weight = torch.full((len(batch), width), math.nan, dtype=torch.float64)
+    if len(rows):
+        draws = _importance.draw(model, batch.select(rows), n_samples, keys=keys[rows], pinned=prefix[rows] // model.patch_size, **options)
+        log_weight[rows, :n_samples] = draws.log_weight
+    weights = xr.DataArray(log_weight.numpy(), dims=("sequence", "sample"), coords={"sequence": keys.numpy()})
+    return xr.Dataset(
+        {
+            "log_weight_direct": weights,
+            "direct_log_likelihood": statistics.log_mean_exp(weights),
+            "direct_log_likelihood_se": statistics.log_mean_exp_se(weights),
+            "khat_direct": statistics.pareto_khat(weights),
+            "direct_applies": ("sequence", applies.numpy()),
+        }
+    )

@@ -1,0 +1,42 @@
+"""The evidence lower bound, ``E_q[log p(x|z) + log p(z) - log q(z|x)] <= log p(x)``."""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from colaprob.estimators import _importance, statistics
+from colaprob.protocol import LatentModel, TokenBatch
+
+ESTIMATOR = "ELBO (lower bound)"
+
+
+def elbo(
+    model: LatentModel,
+    batch: TokenBatch,
+    n_samples: int = 16,
+    *,
+    seed: int = 0,
+    sequence_ids=None,
+    chunk_size: int = 32,
+    trace: str = "exact",
+    **cnf_options,
+) -> xr.Dataset:
+    """The ELBO of every sequence, averaged over ``n_samples`` posterior draws.
+
+    ``cnf_options`` go to ``cnf.block_causal_log_prob`` (``method``, ``rtol``, ``atol``,
+    ``steps``, ``n_probes``, ``probe``, ``vjp_chunk``). ``sequence_ids`` ([B] non-negative
+    integers, default the row index) key each sequence's random stream.
+
+    Returns an ``xarray.Dataset`` over ``sequence`` (coordinate: the keys), ``sample``,
+    ``token`` and ``block``: ``log_likelihood`` (the ELBO, nats) and ``log_likelihood_se``
+    (``sd / sqrt(K)``), the units of ``colaprob.estimators.units``, the per-sample
+    ``log_weight`` = ``decoder_log_prob`` + ``prior_log_prob`` - ``posterior_log_prob``, the
+    sample means ``token_decoder_log_prob`` and ``block_prior_log_prob`` (NaN where not
+    counted), and the proposal's importance diagnostics ``ess``, ``khat``,
+    ``khat_threshold``; ``attrs``: estimator, trace, solver, tolerances, K, seed, nfe.
+    """
+    keys = _importance.sequence_keys(batch, sequence_ids)
+    draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, trace=trace, **cnf_options)
+    mean = lambda log_weight: log_weight.mean("sample")
+    return _importance.summarise(model, batch, keys, draws, mean, statistics.mean_se, ESTIMATOR, seed, chunk_size)
+

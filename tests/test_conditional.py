@@ -1,0 +1,60 @@
+"""Prefix-response scoring against exact conditionals."""
+
+import numpy as np
+import pytest
+import torch
+
+from colaprob.estimators import conditional, iwae
+from colaprob.testing import make_batch
+
+from test_elbo_iwae import FIXED, _batch, _linear_gaussian_model, _quadrature_model
+
+
+def test_conditional_equals_joint_minus_prefix_on_and_off_block_boundaries():
+    model, batch = _quadrature_model(), _batch()  # patch 2, block 1
+    prefix = torch.tensor([2, 1, 3])  # a block boundary; inside a latent position (twice)
+    ds = conditional(model, batch, prefix, 2000, chunk_size=1000, response=batch, rtol=1e-6, atol=1e-6)
+    assert np.allclose(ds.log_prefix + ds.log_likelihood, ds.log_joint, atol=1e-12)  # same draws
+    exact = (model.exact_log_prob(batch) - model.exact_log_prob(batch, prefix)).numpy()
+    assert (np.abs(ds.log_likelihood.values - exact) < 4 * ds.log_likelihood_se.values + 0.005).all()
+    assert np.allclose(ds.variance_reduction, (ds.independent_se / ds.log_likelihood_se) ** 2)
+    assert list(ds.direct_applies.values) == [True, False, False]
+    assert np.isfinite(ds.direct_log_likelihood[0]) and np.isnan(ds.direct_log_likelihood[1:]).all()
+    assert "nats_per_token" in ds and list(ds.prefix_tokens.values) == [2, 1, 3]
+    assert ds.attrs["estimator"].startswith("IWAE-2000 log p(x) - IWAE-2000 log p(x_pre)")
+    assert "clean at t = 0" in ds.attrs["direct_estimator"]
+
+
+def test_common_random_numbers_reduce_the_variance():
+    model = _quadrature_model()
+    batch = make_batch([torch.tensor([0, 1, 2, 1]), torch.tensor([2, 0, 1, 1])])
+    ds = conditional(model, batch, 2, 512, **FIXED)
+    assert (ds.variance_reduction > 1).all(), ds.variance_reduction.values
+
+
+def _linear_batch():
+    g = torch.Generator().manual_seed(5)
+    return make_batch([torch.randn(12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("prefix", [6, 3])  # a block boundary; a latent position inside a block
+def test_direct_conditional_is_exact_for_an_independent_prior(prefix):
+    """Latent positions are independent a priori and each token reads its own position, so
+    p(x_res | z_pre) = p(x_res | x_pre); with the exact posterior every weight is exact."""
+    model, batch = _linear_gaussian_model(), _linear_batch()  # patch 3, block 2
+    ds = conditional(model, batch, prefix, 8, rtol=1e-8, atol=1e-8)
+    exact = (model.exact_log_prob(batch) - model.exact_log_prob(batch, torch.tensor(prefix))).numpy()
+    assert ds.direct_applies.all()
+    assert np.allclose(ds.log_weight_direct, exact[:, None], atol=1e-5)
+    if prefix == 6:  # the covering blocks hold only prefix tokens: q is the prefix posterior
+        assert np.allclose(ds.log_likelihood, exact, atol=1e-5) and ds.log_weight_prefix.std("sample").max() < 1e-5
+
+
+def test_prefix_weights_equal_a_run_on_the_prefix_alone():
+    """With a causal encoder and a prefix on a block boundary, the prefix draws are the
+    prefix-only posterior's: the prefix estimate is the IWAE of the prefix as its own text."""
+    model, batch = _linear_gaussian_model(), _linear_batch()
+    ds = conditional(model, batch, 6, 16, direct=False, **FIXED)
+    alone = iwae(model, make_batch([batch.ids[0, :6], batch.ids[1, :6]]), 16, **FIXED)
+    assert np.allclose(ds.log_weight_prefix, alone.log_weight, atol=1e-12)
+    assert "direct_log_likelihood" not in ds
