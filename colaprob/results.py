@@ -100,10 +100,14 @@ def package_versions() -> dict:
 
 def provenance(settings: Mapping) -> dict:
     """The attributes every colaprob file carries: ``settings`` (model, config hash,
-    estimator and solver settings, seed, ...) plus package versions and the UTC time."""
+    estimator and solver settings, seed, ...) plus package versions, torch's CPU thread
+    count (float32 sums can round differently with another count) and the UTC time."""
+    import torch
+
     return {
         **netcdf_attrs(settings),
         **package_versions(),
+        "torch_threads": torch.get_num_threads(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

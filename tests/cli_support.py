@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from colaprob.cli import main
 
@@ -23,10 +26,27 @@ class Outcome:
     err: str
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one CPU thread, as torchrun gives each rank: the same float32 rounding as a
+    subprocess with OMP_NUM_THREADS=1, and on shared cores much faster for tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args) -> Outcome:
-    """``colaprob ARGS`` in this process; usage errors (argparse's SystemExit) included."""
+    """``colaprob ARGS`` in this process on one thread; usage errors (argparse's
+    SystemExit) included."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), one_thread():
         try:
             code = main([str(a) for a in args])
         except SystemExit as exit_:

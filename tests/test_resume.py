@@ -98,3 +98,41 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(tmp_path):
     (runner.run_folder(output) / f".batch-000001.nc{results.TEMP_MARK}abc").write_bytes(b"half")
     runner.run(plan, fake_scores, output, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["s.nc"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real command, killed with SIGKILL after its first shard
+
+
+def test_killed_score_run_resumes_to_the_uninterrupted_result(tmp_path, fixture_dirs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cli_support import FAST, run_cli, subprocess_env
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"document {i} has a few words\n" for i in range(24)))
+    args = ["score", str(texts), "--per-line", "--model", str(fixture_dirs[0]), *FAST, "--batch-size", "1"]
+    killed = tmp_path / "killed" / "scores.nc"
+    folder = runner.run_folder(killed)
+    process = subprocess.Popen([sys.executable, "-m", "colaprob", *args, "-o", str(killed)], stderr=subprocess.PIPE, env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.glob("batch-*.nc")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    shards = sorted(folder.glob("batch-*.nc"))
+    assert not killed.exists() and 1 <= len(shards) < 24, process.stderr.read().decode()
+    assert all(results.read_dataset(shard).sizes["sequence"] == 1 for shard in shards)
+
+    assert run_cli(*args, "-o", killed).code == 0
+    assert run_cli(*args, "-o", tmp_path / "whole" / "scores.nc").code == 0
+    resumed, whole = (results.read_dataset(p) for p in (killed, tmp_path / "whole" / "scores.nc"))
+    xr.testing.assert_identical(resumed.drop_attrs(), whole.drop_attrs())
+    assert resumed.attrs[runner.RUN_KEY] == whole.attrs[runner.RUN_KEY]
+    assert [p.name for p in killed.parent.iterdir()] == ["scores.nc"]
