@@ -15,8 +15,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from colaprob.errors import ColaprobError
 
+WINDOW_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
 FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
 ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", *FIXED_GRID_METHODS)
 
@@ -217,6 +220,54 @@ def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_to
             raise ColaprobError(f"document {i} is {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
 
 
+class Row:
+    """One scored sequence: document ``index`` of the corpus, or its window ``window``."""
+
+    def __init__(self, document, index: int, window: int, source: str):
+        self.document, self.index, self.window, self.source = document, index, window, source
+
+
+def cut_rows(model, documents, split: bool) -> list[Row]:
+    """The sequences to score: every ``(document, source)``, and with ``split`` the windows
+    of texts that exceed the model's ``max_tokens``: consecutive windows cut at whitespace,
+    each scored as an independent document (``split_into_windows``). Without ``split``, or
+    for a prompt-response pair, a text too long is refused before any work."""
+    from colaprob.data import Document
+
+    limit = model.framing.max_tokens
+    framed_length = framed_length_fn(model)
+    fits = lambda doc: limit is None or framed_length(doc.text, doc.prompt) <= limit
+    rows = []
+    for i, (doc, source) in enumerate(documents):
+        if fits(doc) or not split or doc.prompt is not None:
+            rows.append(Row(doc, i, 0, source))
+            continue
+        pieces = split_into_windows(doc.text, lambda text: fits(Document(text)))
+        rows += [Row(Document(piece), i, w, source) for w, piece in enumerate(pieces)]
+    check_lengths([row.document for row in rows], framed_length, limit)
+    return rows
+
+
+def row_variables(rows: Sequence[Row]) -> dict:
+    """What each row is, as variables over ``sequence``: ``document`` (its index in the
+    input), ``window`` (0 unless split), ``source`` (file name), ``text``, and ``prompt``
+    for pairs."""
+    variables = {
+        "document": ("sequence", np.array([row.index for row in rows])),
+        "window": ("sequence", np.array([row.window for row in rows])),
+        "source": ("sequence", np.array([row.source for row in rows], dtype=object)),
+        "text": ("sequence", np.array([row.document.text for row in rows], dtype=object)),
+    }
+    if rows and rows[0].document.prompt is not None:
+        variables["prompt"] = ("sequence", np.array([row.document.prompt for row in rows], dtype=object))
+    return variables
+
+
+def windows_note(rows: Sequence[Row]) -> str:
+    """The attribute that says whether (and how) long documents were windowed."""
+    return WINDOW_NOTE if any(row.window > 0 for row in rows) else "none"
+
+
 def split_into_windows(text: str, fits: Callable[[str], bool]) -> list[str]:
     """Cut ``text`` into consecutive windows that each ``fits``: as many whole
     whitespace-separated words as fit; a word that does not fit alone is cut between
@@ -303,3 +354,44 @@ def _finite(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics over a whole corpus
+
+
+def run_whole_corpus(args, name: str, compute: Callable, settings: dict, finish: Callable = lambda ds: ds):
+    """Run a corpus-level diagnostic (``compute(model, batch) -> Dataset`` over ``sequence``)
+    on the plain texts of ``args.inputs`` as one batch through ``colaprob.runner``: the same
+    checks, provenance, atomic output and refusal of other settings as ``score``. A
+    diagnostic such as the aggregate posterior needs every sequence at once, so it is not
+    split into shards. Returns the dataset on rank 0, else None."""
+    from colaprob import distributed, results, runner
+
+    ctx = distributed.from_environment(args.device)
+    try:
+        documents = read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
+        if any(doc.prompt is not None for doc, _ in documents):
+            raise ColaprobError(f"{name} takes plain texts, but the input holds prompt-response pairs.")
+        model, identity = load_model(args.model, ctx.device)
+        rows = cut_rows(model, documents, args.split)
+        results.check_writable(args.output)
+        record = {
+            **identity,
+            "inputs": [path.name for path in args.inputs],
+            "input_fingerprint": fingerprint([row.document for row in rows]),
+            "diagnostic": name,
+            **settings,
+            "seed": args.seed,
+            "device_type": ctx.device.type,
+            "windows": windows_note(rows),
+        }
+        plan = runner.Plan(record, n_items=len(rows), batch_size=len(rows))
+
+        def compute_all(items: range):
+            batch = model.frame([rows[i].document.text for i in items])
+            return compute(model, batch).assign(row_variables(rows))
+
+        return runner.run(plan, compute_all, args.output, finish=finish, ctx=ctx, overwrite=args.overwrite, progress=False)
+    finally:
+        distributed.shutdown(ctx)

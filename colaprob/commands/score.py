@@ -31,7 +31,6 @@ from colaprob.errors import ColaprobError
 HELP = "score documents: ELBO, IWAE or prompt-response log-likelihood, nats/token, bits/byte, perplexity (NetCDF)"
 
 ESTIMATORS = ("elbo", "iwae", "conditional")
-WINDOW_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
 UNITS = ("nats_per_token", "bits_per_byte", "token_perplexity", "word_perplexity")
 
 
@@ -79,20 +78,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class Row:
-    """One scored sequence: document ``index`` of the corpus, or its window ``window``."""
-
-    def __init__(self, document, index: int, window: int, source: str):
-        self.document, self.index, self.window, self.source = document, index, window, source
-
-
 def prepare(args, ctx) -> "Job":
     """Read and check everything, so a mistake stops the run before any file is written."""
     cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
     estimator = choose_estimator(args.estimator, [doc for doc, _ in documents])
     model, identity = _shared.load_model(args.model, ctx.device)
-    rows = cut_rows(model, documents, args.split)
+    rows = _shared.cut_rows(model, documents, args.split)
     results.check_writable(args.output)
     return Job(args, ctx, model, identity, rows, estimator, cnf_options)
 
@@ -110,25 +102,6 @@ def choose_estimator(asked: str | None, documents) -> str:
         needed = "prompt-response pairs" if asked == "conditional" else "plain texts (the input holds prompt-response pairs)"
         raise ColaprobError(f"--estimator {asked} scores {needed}; use --estimator {'conditional' if pairs else 'elbo or iwae'}.")
     return asked
-
-
-def cut_rows(model, documents, split: bool) -> list[Row]:
-    """The sequences to score: every document, and with ``split`` the windows of those that
-    exceed ``max_tokens`` (see the module docstring); without ``split`` they are refused."""
-    from colaprob.data import Document
-
-    limit = model.framing.max_tokens
-    framed_length = _shared.framed_length_fn(model)
-    fits = lambda doc: limit is None or framed_length(doc.text, doc.prompt) <= limit
-    rows = []
-    for i, (doc, source) in enumerate(documents):
-        if fits(doc) or not split or doc.prompt is not None:
-            rows.append(Row(doc, i, 0, source))
-            continue
-        pieces = _shared.split_into_windows(doc.text, lambda text: fits(Document(text)))
-        rows += [Row(Document(piece), i, w, source) for w, piece in enumerate(pieces)]
-    _shared.check_lengths([row.document for row in rows], framed_length, limit)
-    return rows
 
 
 class Job:
@@ -151,7 +124,7 @@ class Job:
             "seed": args.seed,
             "device_type": ctx.device.type,
             "max_tokens": model.framing.max_tokens,
-            "windows": WINDOW_NOTE if any(row.window > 0 for row in rows) else "none",
+            "windows": _shared.windows_note(rows),
         }
         self.plan = runner.Plan(settings, n_items=len(rows), batch_size=args.batch_size)
 
@@ -196,22 +169,13 @@ def frame_pairs(model, documents):
     return batch, prefix_tokens, response
 
 
-def with_identity(ds: xr.Dataset, chosen: list[Row]) -> xr.Dataset:
+def with_identity(ds: xr.Dataset, chosen: list[_shared.Row]) -> xr.Dataset:
     """The estimate of a batch with what each row is, and without the corpus-level numbers
     of this batch alone (``finish`` computes them for the whole corpus). The batch's
     function evaluations, an attribute of the estimate, become a per-row variable."""
     per_row = ds.drop_vars([name for name, var in ds.data_vars.items() if "sequence" not in var.dims])
     nfe = per_row.attrs.pop("nfe", -1)
-    identity = {
-        "document": ("sequence", np.array([row.index for row in chosen])),
-        "window": ("sequence", np.array([row.window for row in chosen])),
-        "source": ("sequence", np.array([row.source for row in chosen], dtype=object)),
-        "text": ("sequence", np.array([row.document.text for row in chosen], dtype=object)),
-        "batch_nfe": ("sequence", np.full(len(chosen), int(nfe))),
-    }
-    if chosen[0].document.prompt is not None:
-        identity["prompt"] = ("sequence", np.array([row.document.prompt for row in chosen], dtype=object))
-    return per_row.assign(identity)
+    return per_row.assign(_shared.row_variables(chosen), batch_nfe=("sequence", np.full(len(chosen), int(nfe))))
 
 
 def finish(merged: xr.Dataset) -> xr.Dataset:
