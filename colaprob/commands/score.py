@@ -175,7 +175,7 @@ def with_identity(ds: xr.Dataset, chosen: list[_shared.Row]) -> xr.Dataset:
     function evaluations, an attribute of the estimate, become a per-row variable."""
     per_row = ds.drop_vars([name for name, var in ds.data_vars.items() if "sequence" not in var.dims])
     nfe = per_row.attrs.pop("nfe", -1)
-    return per_row.assign(_shared.row_variables(chosen), batch_nfe=("sequence", np.full(len(chosen), int(nfe))))
+    return per_row.assign({**_shared.row_variables(chosen), "batch_nfe": ("sequence", np.full(len(chosen), int(nfe)))})
 
 
 def finish(merged: xr.Dataset) -> xr.Dataset:
