@@ -135,11 +135,16 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file (a manifest, a summary) atomically."""
+    return write_bytes(text.encode("utf-8"), path)
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` (a figure, a text) to ``path`` atomically."""
     path = Path(path)
     fd, temp = _temp_file_next_to(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)

@@ -1,0 +1,91 @@
+"""``colaprob viz``: the figure of a diagnostics file, as PNG.
+
+Takes a NetCDF file written by ``colaprob decompose``, ``colaprob probe`` or a report
+folder (``decomposition``, ``probes``, ``probe_summary``, ``information_curve``,
+``embedding``, ``density_slice``) and draws it with ``colaprob.diagnostics.plots``; the
+file's ``diagnostic`` attribute says which figure. Token ids are labelled with the text of
+the model named in the file (or ``--model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+from colaprob import results
+from colaprob.commands import _shared
+from colaprob.errors import ColaprobError
+
+HELP = "draw the figure of a diagnostics NetCDF file (decompose, probe, report) as PNG"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, metavar="FILE.nc", help="a NetCDF file from decompose, probe or a report folder")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: FILE with .png, or FILE_sequence<k>.png for probes)")
+    parser.add_argument("--sequence", type=_shared.non_negative_int, default=0, help="probes: the sequence to draw (default: 0)")
+    parser.add_argument("--model", default=None, help="label tokens with this model's tokenizer (default: the model named in the file)")
+    parser.add_argument("--no-labels", action="store_true", help="label tokens by id; load no model")
+    parser.add_argument("--dpi", type=_shared.positive_int, default=110, help="resolution (default: 110)")
+    parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    ds = results.read_dataset(args.file)
+    kind = ds.attrs.get("diagnostic") or _guess(ds)
+    label = None if args.no_labels else token_label(args.model or ds.attrs.get("model"))
+    figures = draw(kind, ds, args.sequence, label)
+    written = []
+    for suffix, figure in figures.items():
+        path = args.output if args.output is not None and len(figures) == 1 else args.file.with_name(args.file.stem + suffix + ".png")
+        results.check_writable(path)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=args.dpi)
+        written.append(str(results.write_bytes(buffer.getvalue(), path)))
+    if args.json:
+        _shared.print_json({"diagnostic": kind, "figures": written})
+    else:
+        print("\n".join(f"wrote {path}" for path in written))
+    return 0
+
+
+def draw(kind: str, ds, sequence: int, label) -> dict:
+    """``{file-name suffix: figure}`` for a dataset of diagnostic ``kind``."""
+    from colaprob.diagnostics import plots
+
+    if kind == "probes":
+        if sequence >= ds.sizes["sequence"]:
+            raise ColaprobError(f"--sequence {sequence} is out of range; the file holds {ds.sizes['sequence']} sequences.")
+        figures = {f"_sequence{sequence}": plots.plot_probes(ds, sequence, token_label=label)}
+        if "count" in ds:  # the summary that colaprob probe stores with the probes
+            figures["_summary"] = plots.plot_probe_summary(ds)
+        return figures
+    drawers = {
+        "decomposition": plots.plot_decomposition,
+        "probe_summary": plots.plot_probe_summary,
+        "information_curve": plots.plot_information_curve,
+        "embedding": lambda d: plots.plot_embedding(d, token_label=label),
+        "density_slice": lambda d: plots.plot_density_slice(d, token_label=label),
+    }
+    if kind not in drawers:
+        raise ColaprobError(
+            f"no figure for this file (diagnostic {kind!r}); viz draws files of decompose, probe and report "
+            f"({', '.join(['probes', *drawers])})."
+        )
+    return {"": drawers[kind](ds)}
+
+
+def token_label(model_name: str | None):
+    """``token id -> text`` from the model's tokenizer, or None (ids) without a model."""
+    if not model_name:
+        return None
+    import colaprob
+
+    tokenizer = colaprob.load(model_name).tokenizer
+    return lambda token: tokenizer.decode([token])
+
+
+def _guess(ds) -> str:
+    # Files written before the diagnostic attribute existed: recognise them by a variable.
+    markers = {"mutual_information": "decomposition", "decoder_probe": "probes", "log_likelihood": "score"}
+    return next((kind for name, kind in markers.items() if name in ds), "unknown")
