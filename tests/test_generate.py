@@ -1,13 +1,26 @@
 """Block-wise generation (colaprob.generate): the cached step is the 2L velocity, and a seed
 fixes the output."""
 
+import json
+
 import pytest
 import torch
 
+import colaprob
+from colaprob.cli import main
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.generate import Sampling, choose_tokens, denoise_block, generate, guided_velocity, prompt_latents
 from colaprob.model import T_SCALE, ColaModel
 from colaprob.tokenizer import END_OF_TEXT, PAD, Framing, byte_level_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models run far faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_model(decoder_space: str = "vae", seed: int = 0) -> ColaModel:
@@ -89,3 +102,17 @@ def test_token_choice_top_k_and_top_p():
     assert draws == {1, 3}
     draws = {choose_tokens(logits, Sampling(temperature=1.0, top_p=0.9), g)[0] for _ in range(50)}
     assert draws == {1, 2, 3}  # p = 0.64, 0.24, 0.09 reach 0.9 only with the third
+
+
+def test_generate_command(tmp_path, capsys):
+    colaprob.save(random_model(), tmp_path / "m")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "abc", "ground_truth": "ignored"}\n', encoding="utf-8")
+    argv = ["generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--prompts", str(prompts),
+            "--max-new-tokens", "4", "--steps", "2", "--jsonl", "--threads", "1"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["Hello", "abc"]
+    assert main(argv) == 0 and [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
+    assert main(["generate", "--model", str(tmp_path / "m")]) == 2
+    assert "at least one --prompt" in capsys.readouterr().err
