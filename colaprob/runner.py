@@ -149,7 +149,7 @@ def _refuse_other_run(output: Path, folder: Path, plan: Plan) -> None:
             )
         theirs = results.read_settings(attrs, plan.record)
         raise ColaprobError(
-            f"{output} holds results of a different run ({_difference(theirs, plan.record)}); "
+            f"{output} holds results of a different run ({describe_difference(theirs, plan.record)}); "
             "pass --overwrite to replace it or choose another --output."
         )
     manifest = folder / MANIFEST
@@ -158,7 +158,7 @@ def _refuse_other_run(output: Path, folder: Path, plan: Plan) -> None:
         if recorded.get(RUN_KEY) != plan.key:
             raise ColaprobError(
                 f"{folder} holds an unfinished run with different settings "
-                f"({_difference(recorded.get('settings', {}), plan.record)}); rerun with the same "
+                f"({describe_difference(recorded.get('settings', {}), plan.record)}); rerun with the same "
                 "settings to resume it, or pass --overwrite to start over."
             )
     elif folder.exists() and any(folder.iterdir()):
@@ -194,8 +194,8 @@ def _read_manifest(path: Path) -> dict:
         raise ColaprobError(f"{path} is unreadable; remove its folder or pass --overwrite.") from None
 
 
-def _difference(theirs: Mapping, ours: Mapping, limit: int = 3) -> str:
-    """The first few settings that differ, as ``name: theirs there, ours now``."""
+def describe_difference(theirs: Mapping, ours: Mapping, limit: int = 3) -> str:
+    """The first few settings that differ, as ``name X there, Y now``."""
     names = [k for k in sorted(set(theirs) | set(ours)) if _normal(theirs.get(k)) != _normal(ours.get(k))]
     shown = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in names[:limit]]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""

@@ -316,13 +316,13 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]], file=None) -> 
     """A plain aligned table: ``columns`` are (key, heading) pairs; floats get 4 digits."""
     file = file or sys.stdout
     cells = [[heading for _, heading in columns]]
-    cells += [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    cells += [[format_cell(row.get(key)) for key, _ in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for n, line in enumerate(cells):
         print("  ".join(c.rjust(w) if n and i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))), file=file)
 
 
-def _cell(value) -> str:
+def format_cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
