@@ -120,6 +120,8 @@ class TrainConfig:
             raise ColaprobError(f"logsnr mode {self.logsnr_mode!r} is unknown; use one of {', '.join(LOGSNR_MODES)}.")
         if self.batch_size < 1 or self.stage1_steps < 0 or self.stage2_steps < 0 or self.total_steps < 1:
             raise ColaprobError("training needs a batch size of at least 1 and at least one step.")
+        if min(self.eval_every, self.checkpoint_every, self.log_every, self.eval_docs) < 1:
+            raise ColaprobError("the evaluation, checkpoint and log intervals and the evaluated documents must be at least 1.")
         if not 0 <= self.mask_ratio < 1 or not 0 <= self.prompt_block_prob <= 1:
             raise ColaprobError("the mask ratio must lie in [0, 1) and the prompt-block probability in [0, 1].")
         n = len(block_size_choices(dit_block_size))
