@@ -85,8 +85,8 @@ class TrainConfig:
 
     seed: int = _setting(0, "seed of the initial weights, the data order and every random draw")
     batch_size: int = _setting(32, "sequences per step")
-    stage1_steps: int = _setting(300, "steps of stage 1 (Text VAE alone)")
-    stage2_steps: int = _setting(1200, "steps of stage 2 (VAE and DiT prior jointly)")
+    stage1_steps: int = _setting(150, "steps of stage 1 (Text VAE alone)")
+    stage2_steps: int = _setting(1050, "steps of stage 2 (VAE and DiT prior jointly)")
     lr: float = _setting(1e-3, "peak learning rate of AdamW")
     min_lr: float = _setting(1e-4, "learning rate at the end of each stage's cosine decay")
     warmup_steps: int = _setting(50, "linear warmup steps at the start of each stage")
@@ -103,10 +103,11 @@ class TrainConfig:
     t_loc: float = _setting(0.0, "location of the logit-normal time distribution")
     t_scale: float = _setting(1.0, "scale of the logit-normal time distribution")
     block_size_probs: tuple[float, ...] | None = _setting(
-        None, "weights of the training block sizes 1, 2, 4, .., DiT block size (default: equal)"
+        None, "weights of the training block sizes 1, 2, 4, .., DiT block size (default: half on the DiT block size, "
+        "the rest equally on the smaller ones)"
     )
-    prompt_block_prob: float = _setting(0.05, "probability that a block gets a clean prompt part (prompt-block trick)")
-    eval_every: int = _setting(100, "steps between held-out evaluations")
+    prompt_block_prob: float = _setting(0.1, "probability that a block gets a clean prompt part (prompt-block trick)")
+    eval_every: int = _setting(150, "steps between held-out evaluations")
     eval_docs: int = _setting(256, "held-out documents evaluated (the first ones of the split)")
     checkpoint_every: int = _setting(100, "steps between checkpoints")
     log_every: int = _setting(10, "steps between training-log records")
@@ -254,7 +255,7 @@ def flow_matching_loss(model: ColaModel, z: Tensor, counted: Tensor, config: Tra
     t = torch.sigmoid(config.t_loc + config.t_scale * torch.randn(B, generator=g))
     z1 = torch.randn(B, L, d, generator=g)
     choices = torch.tensor(block_size_choices(model.block_size))
-    probs = torch.ones(len(choices)) if config.block_size_probs is None else torch.tensor(config.block_size_probs)
+    probs = torch.tensor(config.block_size_probs or [0.5 / max(1, len(choices) - 1)] * (len(choices) - 1) + [0.5])
     bs = choices[torch.multinomial(probs, B, replacement=True, generator=g)]  # [B]
     # Prompt-block trick: per block (indexed by its first row) a coin and a split point.
     rows = torch.arange(L)

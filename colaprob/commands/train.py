@@ -1,5 +1,7 @@
 """``colaprob train``: train a byte-level Cola model from scratch (stage 1, then stage 2).
 
+The defaults are the embedded model's network and schedule (``colaprob/tiny/REPRODUCE.md``).
+
 The data is the embedded corpus (``pydoc_data.topics``, train and held-out splits) unless
 ``--train`` / ``--heldout`` name files; documents longer than the model's ``--max-tokens``
 are cut into paragraph pieces that fit. The model is saved in the official layout to
@@ -39,7 +41,7 @@ DIT_OPTIONS = [
     ("--dit-heads", "heads", 2, "DiT attention heads"),
     ("--dit-head-dim", "head_dim", 64, "DiT head width"),
     ("--dit-rope-dim", "rope_dim", 48, "rotated channels per DiT head"),
-    ("--dit-layers", "num_layers", 4, "DiT blocks"),
+    ("--dit-layers", "num_layers", 3, "DiT blocks"),
     ("--dit-expand", "expand_ratio", 4, "DiT MLP width / DiT width"),
     ("--dit-block-size", "block_size", 4, "DiT (generation) block, in latent positions"),
 ]
@@ -57,7 +59,7 @@ def add_arguments(parser) -> None:
     net = parser.add_argument_group("model")
     for option, _, default, help in VAE_OPTIONS + DIT_OPTIONS:
         net.add_argument(option, type=int, default=default, help=f"{help} (default {default})")
-    net.add_argument("--max-tokens", type=int, default=128, help="longest framed sequence, in tokens (default 128)")
+    net.add_argument("--max-tokens", type=int, default=64, help="longest framed sequence, in tokens (default 64)")
     net.add_argument("--decoder-space", choices=DECODER_SPACES, default="vae", help="latents the decoder reads (default vae)")
 
     run = parser.add_argument_group("training")
