@@ -360,7 +360,7 @@ def _finite(value):
 # Diagnostics over a whole corpus
 
 
-def run_whole_corpus(args, name: str, compute: Callable, settings: dict, finish: Callable = lambda ds: ds):
+def run_whole_corpus(args, name: str, compute: Callable, settings: dict, finish: Callable = lambda ds: ds, min_sequences: int = 1):
     """Run a corpus-level diagnostic (``compute(model, batch) -> Dataset`` over ``sequence``)
     on the plain texts of ``args.inputs`` as one batch through ``colaprob.runner``: the same
     checks, provenance, atomic output and refusal of other settings as ``score``. A
@@ -375,6 +375,11 @@ def run_whole_corpus(args, name: str, compute: Callable, settings: dict, finish:
             raise ColaprobError(f"{name} takes plain texts, but the input holds prompt-response pairs.")
         model, identity = load_model(args.model, ctx.device)
         rows = cut_rows(model, documents, args.split)
+        if len(rows) < min_sequences:
+            raise ColaprobError(
+                f"{name} needs at least {min_sequences} documents, but the input holds {len(rows)}; "
+                "give more text (--per-line makes every line a document)."
+            )
         results.check_writable(args.output)
         record = {
             **identity,

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
             cnf_options=cnf_options,
         )
 
-    ds = _shared.run_whole_corpus(args, "decomposition", compute, settings)
+    # The aggregate posterior q_bar mixes the posteriors of at least two documents.
+    ds = _shared.run_whole_corpus(args, "decomposition", compute, settings, min_sequences=2)
     if ds is not None:
         report(ds, args)
     return 0
