@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from colaprob.estimators import cnf
 from colaprob.testing import GaussianMixture, LinearFlow

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from colaprob.protocol import LatentModel
-from colaprob.testing import LinearGaussianModel, QuadratureModel, make_batch
+from colaprob.testing import BlockMixturePrior, GaussianDecoder, LinearGaussianModel, make_batch
 from colaprob.testing.strategies import (
     block_mixture_priors,
     linear_gaussian_models,
@@ -93,8 +93,6 @@ def test_linear_gaussian_posterior_is_exact(model, data):
 
 def test_linear_gaussian_log_prob_is_the_gaussian_marginal_of_x():
     """Against the closed form x ~ N(A m + b, A S A^T + sigma^2 I) for one latent position."""
-    from colaprob.testing import BlockMixturePrior, GaussianDecoder
-
     prior = BlockMixturePrior(torch.zeros(1), torch.zeros(1, 1, 2), torch.tensor([[[0.5, -1.0]]]), torch.zeros(1, 1, 2), torch.tensor([[[0.2, -0.4]]]))
     decoder = GaussianDecoder(torch.tensor([1.5, -0.7, 0.9]), torch.tensor([0.1, 0.2, -0.3]), 0.6, 2)
     model = LinearGaussianModel(prior, decoder, 3, latent_scale=2.0, latent_shift=0.5)
