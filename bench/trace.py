@@ -1,0 +1,106 @@
+"""Exact trace against Hutchinson: cost, and error against the analytic density, as the latent
+dimension and the block size grow.
+
+Two tractable models of ``colaprob.testing`` with densities in closed form:
+
+* a Gaussian mixture in ``D`` dimensions (its exact flow-matching velocity) by
+  ``cnf.log_prob``: the exact divergence costs ``D`` vector-Jacobian products per
+  evaluation, Hutchinson one per probe;
+* a block-causal mixture prior of ``n_blocks`` blocks by ``cnf.block_causal_log_prob``: the
+  exact divergence costs ``block_size * d`` products per evaluation.
+
+For each size: median CPU time of each trace (interleaved), velocity evaluations, the
+error of the log-density against the analytic value over a batch of exact draws (exact:
+largest |error|; Hutchinson: root-mean-square and mean error over the batch, the mean being
+the bias, which should vanish, and the RMS the probe noise). Float64, dopri5.
+
+    python bench/trace.py
+    python bench/trace.py --quick
+"""
+
+from __future__ import annotations
+
+import torch
+
+import common
+from colaprob.estimators import cnf
+
+
+def errors(logp: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, float]:
+    e = logp - reference
+    return e.abs().max().item(), e.pow(2).mean().sqrt().item(), e.mean().item()
+
+
+def measure(variants: dict, reference: torch.Tensor, repeats: int, size: dict) -> dict:
+    timings = common.interleaved(variants, repeats, warmup=True)
+    exact = timings["exact"]
+    row = {**size, "exact CPU s": exact.median, "exact nfe": exact.result.nfe, "exact max err": errors(exact.result.logp, reference)[0]}
+    for name, t in timings.items():
+        if name == "exact":
+            continue
+        _, rms, bias = errors(t.result.logp, reference)
+        row.update({f"{name} CPU s": t.median, f"{name} nfe": t.result.nfe, f"exact/{name} time": exact.median / t.median, f"{name} rms err": rms, f"{name} mean err": bias})
+    return row
+
+
+def print_rows(rows: list[dict]) -> None:
+    columns = list(rows[0])
+    common.table(columns, [[r.get(c) for c in columns] for r in rows])
+
+
+def main(argv=None) -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--dims", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64], help="Gaussian-mixture dimensions D")
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="block sizes (latent d = --latent-dim)")
+    p.add_argument("--latent-dims", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="latent dims (block size = --block-size)")
+    p.add_argument("--latent-dim", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--n-blocks", type=int, default=4, help="blocks per sequence (default 4)")
+    p.add_argument("--probes", type=int, nargs="+", default=[1, 8], help="Hutchinson probe counts (default 1 8)")
+    p.add_argument("--batch", type=int, default=32, help="exact draws per size (default 32)")
+    p.add_argument("--tol", type=float, default=1e-5, help="dopri5 rtol = atol (default 1e-5)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dims, args.block_sizes, args.latent_dims, args.batch, args.probes = [2, 4], [1, 2], [2], 4, [1]
+    common.start(args, "Exact trace vs Hutchinson: cost and error against the analytic density")
+    print(f"dopri5, rtol = atol = {args.tol}, float64, {args.batch} exact draws per size, Rademacher probes, median of {args.repeats} interleaved repeats")
+    print()
+
+    def variants(solve):
+        out = {"exact": lambda: solve("exact", 1)}
+        for n in args.probes:
+            out[f"hutch{n}"] = lambda n=n: solve("hutchinson", n)
+        return out
+
+    print("## Gaussian mixture (3 components, full covariances), cnf.log_prob")
+    print()
+    rows = []
+    for D in args.dims:
+        flow = common.gaussian_mixture(D)
+        z0 = flow.sample(args.batch, torch.Generator().manual_seed(1))
+        reference = flow.log_prob(z0)
+        solve = lambda trace, n: cnf.log_prob(flow.velocity, z0, 1, trace, args.tol, args.tol, n_probes=n)
+        rows.append(measure(variants(solve), reference, args.repeats, {"D": D}))
+    print_rows(rows)
+
+    def block_rows(sizes):
+        rows = []
+        for bs, d in sizes:
+            prior = common.block_mixture(bs, d)
+            u = common.mixture_samples(prior, args.n_blocks * bs, args.batch, seed=1)
+            reference = prior.log_prob(u)
+            solve = lambda trace, n: cnf.block_causal_log_prob(prior.velocity, u, bs, trace, rtol=args.tol, atol=args.tol, n_probes=n)
+            rows.append(measure(variants(solve), reference, args.repeats, {"block size": bs, "d": d}))
+        print_rows(rows)
+
+    print(f"## Block-causal mixture prior, {args.n_blocks} blocks, cnf.block_causal_log_prob: block size grows (d = {args.latent_dim})")
+    print()
+    block_rows([(bs, args.latent_dim) for bs in args.block_sizes])
+    print(f"## Block-causal mixture prior, {args.n_blocks} blocks: latent dim grows (block size {args.block_size})")
+    print()
+    block_rows([(args.block_size, d) for d in args.latent_dims])
+
+
+if __name__ == "__main__":
+    main()
+    common.finish()
