@@ -20,7 +20,7 @@ from colaprob.config import DiTConfig, VAEConfig
 from colaprob.dit import DiT
 from colaprob.errors import ColaprobError
 from colaprob.protocol import DiagonalGaussian, TokenBatch
-from colaprob.tokenizer import Framing, Tokenizer, frame
+from colaprob.tokenizer import Counts, Framing, Tokenizer, frame, frame_pairs
 from colaprob.vae import LOGVAR_MIN, KVCache, TextVAE
 
 DECODER_SPACES = ("vae", "dit")
@@ -109,6 +109,12 @@ class ColaModel(nn.Module):
         """``[bos] + tokens + [eos]``, padded to a multiple of ``patch_size * block_size``
         tokens, batched to the longest (``colaprob.tokenizer.frame``)."""
         return frame(self.tokenizer, self.framing, texts, self.patch_size * self.block_size)
+
+    def frame_pairs(self, prompts: list[str], responses: list[str]) -> tuple[TokenBatch, Tensor, Counts]:
+        """Prompt-response pairs for ``colaprob.estimators.conditional``: the joint batch,
+        the framed prefix length [B] and the response's own counts
+        (``colaprob.tokenizer.frame_pairs``)."""
+        return frame_pairs(self.tokenizer, self.framing, prompts, responses, self.patch_size * self.block_size)
 
     # -- the VAE ----------------------------------------------------------------------------
 

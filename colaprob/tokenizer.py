@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import tokenizers
 import torch
@@ -130,13 +131,21 @@ class Framing:
         return asdict(self)
 
 
-def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: int) -> TokenBatch:
+def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: int, prompts: list[str] | None = None) -> TokenBatch:
     """Frame ``texts`` (see the module docstring) into a right-padded ``TokenBatch``;
-    ``multiple``: the framed length is a multiple of it (``patch_size * dit.block_size``)."""
+    ``multiple``: the framed length is a multiple of it (``patch_size * dit.block_size``).
+
+    With ``prompts``, sequence ``i`` is prompt ``i`` and text ``i`` each tokenized on its own
+    (as generation conditions on a prompt), then framed as one text; the counts cover both.
+    """
     if isinstance(texts, str):
         raise ColaprobError("frame() takes a list of texts, not a single string.")
+    token_lists = tokenizer.encode_batch(texts)
+    if prompts is not None:
+        token_lists = [p + t for p, t in zip(tokenizer.encode_batch(prompts), token_lists)]
+        texts = [p + t for p, t in zip(prompts, texts)]
     rows, n_tokens = [], []
-    for i, tokens in enumerate(tokenizer.encode_batch(texts)):
+    for i, tokens in enumerate(token_lists):
         ids = ([framing.bos_id] if framing.bos_id is not None else []) + tokens
         ids += [framing.eos_id] if framing.eos_id is not None else []
         ids += [framing.pad_id] * (-len(ids) % multiple)
@@ -159,3 +168,27 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
         n_words=torch.tensor([len(t.split()) for t in texts], dtype=torch.long),
         texts=list(texts),
     )
+
+
+class Counts(NamedTuple):
+    """The unit denominators of part of a text: [B] tokens (with the eos), bytes, words."""
+
+    n_tokens: torch.Tensor
+    n_bytes: torch.Tensor
+    n_words: torch.Tensor
+
+
+def frame_pairs(
+    tokenizer: Tokenizer, framing: Framing, prompts: list[str], responses: list[str], multiple: int
+) -> tuple[TokenBatch, torch.Tensor, Counts]:
+    """Prompt-response pairs framed for prefix-response scoring: the joint sequences (see
+    ``frame``), the framed length of each prefix (bos and prompt tokens) [B], and the
+    response's own counts (its tokens plus the eos, bytes, words) for the conditional's units."""
+    batch = frame(tokenizer, framing, responses, multiple, prompts=prompts)
+    prompt_tokens = torch.tensor([len(ids) for ids in tokenizer.encode_batch(prompts)], dtype=torch.long)
+    response = Counts(
+        n_tokens=batch.n_tokens - prompt_tokens,
+        n_bytes=torch.tensor([len(r.encode("utf-8")) for r in responses], dtype=torch.long),
+        n_words=torch.tensor([len(r.split()) for r in responses], dtype=torch.long),
+    )
+    return batch, prompt_tokens + (framing.bos_id is not None), response

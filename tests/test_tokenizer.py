@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from colaprob.errors import ColaprobError
-from colaprob.tokenizer import Framing, Tokenizer, byte_level_tokenizer, frame
+from colaprob.tokenizer import Framing, Tokenizer, byte_level_tokenizer, frame, frame_pairs
 
 BYTES = byte_level_tokenizer()
 
@@ -61,3 +61,16 @@ def test_official_framing_defaults():
     with pytest.raises(ColaprobError, match="framing"):
         Framing.from_dict({"bos_id": 1, "pad_id": 2}, "colaprob.json")
     assert Framing.from_dict(Framing(None, 3, 4, 100).to_dict(), "colaprob.json") == Framing(None, 3, 4, 100)
+
+
+def test_prompt_response_framing_tokenizes_each_part_alone():
+    tok = byte_level_tokenizer()
+    framing = Framing(bos_id=None, eos_id=256, pad_id=257)
+    batch, prefix_tokens, response = frame_pairs(tok, framing, ["Q: é?", "hi"], [" A.", " there you go"], 4)
+    joint = frame(tok, framing, ["Q: é? A.", "hi there you go"], 4)
+    # Byte-level: tokenizing the parts alone equals tokenizing the whole.
+    assert batch.ids.tolist() == joint.ids.tolist() and batch.n_tokens.tolist() == joint.n_tokens.tolist()
+    assert batch.n_bytes.tolist() == joint.n_bytes.tolist() and batch.texts == joint.texts
+    assert prefix_tokens.tolist() == [len("Q: é?".encode()), 2]
+    assert response.n_tokens.tolist() == [len(b" A.") + 1, len(b" there you go") + 1]
+    assert response.n_bytes.tolist() == [3, 13] and response.n_words.tolist() == [1, 3]

@@ -19,7 +19,6 @@ as an independent document, so a split document's log-likelihood is the sum over
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
@@ -134,7 +133,8 @@ class Job:
         chosen = [self.rows[i] for i in items]
         options = dict(seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
         if self.estimator == "conditional":
-            batch, prefix_tokens, response = frame_pairs(self.model, [row.document for row in chosen])
+            documents = [row.document for row in chosen]
+            batch, prefix_tokens, response = self.model.frame_pairs([d.prompt for d in documents], [d.text for d in documents])
             ds = estimators.conditional(
                 self.model, batch, prefix_tokens, self.args.samples, response=response, direct=not self.args.no_direct, **options
             )
@@ -142,31 +142,6 @@ class Job:
             batch = self.model.frame([row.document.text for row in chosen])
             ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
         return with_identity(ds, chosen)
-
-
-class _PromptThenText:
-    """A tokenizer for ``colaprob.tokenizer.frame`` whose encoding of text ``i`` is prompt
-    ``i``'s tokens followed by the text's, each tokenized on its own."""
-
-    def __init__(self, tokenizer, prompts: list[str]):
-        self.tokenizer, self.prompts = tokenizer, prompts
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        prompts = self.tokenizer.encode_batch(self.prompts)
-        return [p + t for p, t in zip(prompts, self.tokenizer.encode_batch(texts))]
-
-
-def frame_pairs(model, documents):
-    """Framed prompt + response sequences, the framed length of each prefix (bos and prompt),
-    and the response's own counts (tokens + eos, bytes, words) for the units."""
-    from colaprob.tokenizer import frame
-
-    prompts = [doc.prompt for doc in documents]
-    batch = frame(_PromptThenText(model.tokenizer, prompts), model.framing, [doc.text for doc in documents], model.patch_size * model.block_size)
-    prompt_tokens = np.array([len(ids) for ids in model.tokenizer.encode_batch(prompts)])
-    prefix_tokens = prompt_tokens + (model.framing.bos_id is not None)
-    response = SimpleNamespace(n_tokens=batch.n_tokens.numpy() - prompt_tokens, n_bytes=batch.n_bytes.numpy(), n_words=batch.n_words.numpy())
-    return batch, prefix_tokens, response
 
 
 def with_identity(ds: xr.Dataset, chosen: list[_shared.Row]) -> xr.Dataset:
