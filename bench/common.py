@@ -99,7 +99,7 @@ class Timing:
         return statistics.median(self.wall)
 
 
-_TOTALS = {"cpu": 0.0, "wall": 0.0}
+TOTALS = {"cpu": 0.0, "wall": 0.0}
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
@@ -107,14 +107,14 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
     w0, c0 = time.perf_counter(), time.process_time()
     result = fn()
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    _TOTALS["cpu"] += cpu
-    _TOTALS["wall"] += wall
+    TOTALS["cpu"] += cpu
+    TOTALS["wall"] += wall
     return cpu, wall, result
 
 
 def finish() -> None:
     """Print how much of a core the timed calls got (CPU / wall over the whole run)."""
-    cpu, wall = _TOTALS["cpu"], _TOTALS["wall"]
+    cpu, wall = TOTALS["cpu"], TOTALS["wall"]
     if wall > 0:
         print(f"Timed calls: {cpu:.1f} s CPU in {wall:.1f} s wall ({cpu / wall:.0%} of a core on average).")
 

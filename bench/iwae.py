@@ -6,7 +6,9 @@ settings interleaved and repeated; the tables give medians. Memory is the proces
 resident set size, ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (it sees every torch CPU
 allocation): ``peak RSS`` is the whole process (Python, torch, the model included) and
 ``growth`` the rise of that high-water mark during the ``iwae`` call over its value just
-before. Time is the ``iwae`` call alone (the model loaded and the text framed beforehand).
+before. Time is the CPU time of the ``iwae`` call alone (the model loaded and the text framed
+beforehand); sequences per second = sequences / that CPU time (on one thread, the wall time
+of an idle machine).
 
 Settings: a K sweep (1 .. 5000, Hutchinson trace, K processed ``--chunk`` samples at a time),
 a sequence-length sweep, each with the cache on and off (``model.cache_clean_history``), and
@@ -23,7 +25,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import common
@@ -47,12 +48,11 @@ def child(setting: dict) -> dict:
     else:
         solver.update(rtol=setting["tol"], atol=setting["tol"])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    ds = iwae(model, batch, setting["K"], seed=0, chunk_size=setting["chunk"], trace=setting["trace"], **solver)
-    seconds = time.perf_counter() - t0
+    cpu, wall, ds = common.timed(lambda: iwae(model, batch, setting["K"], seed=0, chunk_size=setting["chunk"], trace=setting["trace"], **solver))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "seconds": seconds,
+        "seconds": cpu,
+        "wall": wall,
         "peak_mib": peak / 1024,
         "growth_mib": (peak - before) / 1024,
         "nfe": int(ds.attrs["nfe"]),
@@ -82,6 +82,8 @@ def measure(settings: list[dict], repeats: int) -> list[dict]:
     rows = []
     for setting, runs in zip(settings, results):
         seconds = statistics.median(x["seconds"] for x in runs)
+        common.TOTALS["cpu"] += sum(x["seconds"] for x in runs)
+        common.TOTALS["wall"] += sum(x["wall"] for x in runs)
         rows.append(
             {
                 **setting,
@@ -103,7 +105,7 @@ def print_pairs(rows: list[dict], key: str) -> None:
     by = {}
     for r in rows:
         by.setdefault((r[key], r["trace"]), {})[r["cache"]] = r
-    columns = [key, "trace", "tokens", "nfe", "cache on s", "cache on seq/s", "cache off seq/s", "on/off speed-up",
+    columns = [key, "trace", "tokens", "nfe", "cache on CPU s", "cache on seq/s", "cache off seq/s", "on/off speed-up",
                "cache on peak RSS MiB", "cache on growth MiB", "cache off growth MiB", "IWAE (nats/seq)", "on - off IWAE"]
     lines = []
     for (value, trace), pair in by.items():
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     if args.quick:
-        args.ks, args.lengths, args.exact_lengths, args.length_batch, args.method, args.steps = [2], [8], [], 1, "euler", 2
+        args.ks, args.lengths, args.exact_lengths, args.method, args.steps = [2], [], [], "euler", 2
         args.k_tokens = 8
         args.model = "random" if args.model == "auto" else args.model
     common.start(args, "IWAE on the embedded model: throughput and peak memory")
@@ -158,10 +160,14 @@ def main(argv=None) -> None:
         if trace == "hutchinson" or n in args.exact_lengths
         for c in (True, False)
     ]
+    if not length_settings:
+        common.finish()
+        return
     rows = measure(length_settings, args.repeats)
     print(f"## Length sweep: {args.length_batch} sequences, K = {args.length_k}")
     print()
     print_pairs(rows, "tokens")
+    common.finish()
 
 
 def argparse_suppress():

@@ -1,0 +1,55 @@
+"""Every benchmark script runs once at a tiny size (``--quick``) and prints its tables.
+
+Smoke runs only: no timing is asserted anywhere. The flow-matching comparison needs the
+optional ``flow-matching`` package (the ``bench`` extra) and is skipped without it; the demo
+benchmark runs the whole ``colaprob demo`` (minutes), so it is marked slow (``tests/test_cli``
+runs the demo itself in the default suite).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| " in out.stdout and "torch threads 1" in out.stdout, out.stdout[-2000:]
+    return out.stdout
+
+
+def test_block_causal_bench_compares_one_solve_with_per_block_solves():
+    out = run_bench("block_causal.py")
+    assert "per block (KV cache) speed-up" in out and "per block (2L prefix) err" in out
+
+
+def test_trace_bench_reports_errors_against_the_analytic_density():
+    out = run_bench("trace.py")
+    assert "exact max err" in out and "hutch1 rms err" in out
+
+
+def test_flow_matching_bench_runs_the_three_tools():
+    pytest.importorskip("flow_matching")
+    out = run_bench("vs_flow_matching.py")
+    assert "flow_matching/colaprob time" in out and "Neural field" in out
+
+
+def test_iwae_bench_measures_memory_in_fresh_processes():
+    out = run_bench("iwae.py")
+    assert "cache on peak RSS MiB" in out and "on/off speed-up" in out
+
+
+@pytest.mark.slow
+def test_demo_bench_times_the_demo_end_to_end():
+    out = run_bench("demo.py")
+    assert "median wall s" in out and "IWAE" in out
