@@ -98,7 +98,7 @@ def decompose(
     gen = torch.Generator().manual_seed(seed)
     eps = torch.randn(n_samples, n_seq, n_pos, model.latent_dim, generator=gen)
 
-    distortion, rate, lq_w, lp_w, means, logvars, mean_w, logvar_w = ([] for _ in range(8))
+    distortion, rate, lq_w, lp_w, means, z_w, mean_w, logvar_w = ([] for _ in range(8))
     for rows in chunks(n_seq, batch_size, "decompose"):
         sub = batch.select(rows)
         with torch.no_grad():
@@ -114,6 +114,7 @@ def decompose(
         rate.append(((lq_blk - lp_blk) * valid).sum(-1))
         lq_w.append(lq_blk[..., :w].sum(-1))
         lp_w.append(lp_blk[..., :w].sum(-1))
+        z_w.append(z[..., :w_pos, :].double())
         mean_w.append(q.mean[:, :w_pos].double())
         logvar_w.append(q.logvar[:, :w_pos].double())
         pos_valid = valid.repeat_interleave(model.block_size, -1)
@@ -121,8 +122,9 @@ def decompose(
 
     cat = lambda xs: torch.cat(xs, dim=-1)  # noqa: E731 -- per-sample values are [K, B]
     distortion, rate, lq_w, lp_w = (cat(x).detach() for x in (distortion, rate, lq_w, lp_w))
-    mean_w, logvar_w = torch.cat(mean_w), torch.cat(logvar_w)
-    z_w = mean_w + torch.exp(0.5 * logvar_w) * eps[:, :, :w_pos].double()
+    # The very samples the model saw: a near-deterministic encoder (log-variance -30) turns
+    # float32 rounding of z into nats, so z must not be recomputed here.
+    z_w, mean_w, logvar_w = torch.cat(z_w, dim=1), torch.cat(mean_w), torch.cat(logvar_w)
     # Nested subsets are taken in a seeded random order: corpora are often sorted by topic.
     order = torch.randperm(n_seq, generator=gen)
     cross = cross_log_prob(z_w[:, order], mean_w[order], logvar_w[order])

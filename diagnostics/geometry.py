@@ -63,7 +63,8 @@ def embedding(
         z_prior = prior_samples(model, mean, n_prior, seed=seed, sample_options=sample_options)
         z_gen = generated_latents(model, n_generated, mean.shape[-2], seed=seed, sample_options=sample_options)
         decoded = [_decoded_first_tokens(model, z, batch) for z in (mean, z_prior)]
-        gen_batch = _unconditional_batch(batch, n_generated)
+        # The decoder reads shapes and lengths from a batch: the longest text's row stands in.
+        gen_batch = batch.select([int(torch.argmax(batch.lengths))] * n_generated)
         gen_decoded = _decoded_first_tokens(model, z_gen, gen_batch)
 
     seq, pos = torch.nonzero(valid, as_tuple=True)
@@ -83,7 +84,6 @@ def embedding(
     x = np.concatenate(columns.pop("z"))
     fit = np.array(columns["kind"]) == "posterior_mean"
     data = {name: ("point", np.concatenate(v) if name != "kind" else np.array(v)) for name, v in columns.items()}
-    attrs = {}
     for method in methods:
         coords, extra = _embed(method, x, fit, seed, umap_options or {})
         data[method] = (("point", "component"), coords)
@@ -95,7 +95,6 @@ def embedding(
         prior_samples=f"{n_prior} teacher-forced prior sample(s) per sequence (each block given the gold history)",
         generated=f"{n_generated} freely generated latent sequences of {mean.shape[-2]} positions",
         seed=seed,
-        **attrs,
     )
     return ds
 
@@ -105,8 +104,13 @@ def _embed(method: str, x: np.ndarray, fit: np.ndarray, seed: int, umap_options:
     if method == "pca":
         center = x[fit].mean(0)
         _, s, vt = np.linalg.svd(x[fit] - center, full_matrices=False)
-        ratio = s**2 / np.sum(s**2)
-        return (x - center) @ vt[:2].T, {"pca_explained_variance_ratio": ("component", ratio[:2])}
+        # A one-channel latent has one component; the second is then identically zero.
+        coords = np.zeros((len(x), 2))
+        ratio = np.zeros(2)
+        k = min(2, len(s))
+        coords[:, :k] = (x - center) @ vt[:k].T
+        ratio[:k] = s[:k] ** 2 / np.sum(s**2)
+        return coords, {"pca_explained_variance_ratio": ("component", ratio)}
     if method == "umap":
         import umap  # slow to import (numba); only when asked for
 
@@ -126,13 +130,6 @@ def _decoded_first_tokens(model, z, batch):
     """The decoder's argmax token at the first token of every latent position: [..., B, L]."""
     _, argmax = decode_gold(model, z, batch)
     return argmax[..., :: model.patch_size]
-
-
-def _unconditional_batch(batch: TokenBatch, n: int) -> TokenBatch:
-    """A stand-in batch of ``n`` full-length rows for decoding generated latents (the decoder
-    reads only the shapes and lengths; the ids are the first row's and are never scored)."""
-    rows = batch.select([int(torch.argmax(batch.lengths))] * n)
-    return rows
 
 
 def density_slice(
@@ -175,6 +172,8 @@ def density_slice(
         mean = model.posterior(one).mean  # [1, L, d]
     if not 0 <= block < mean.shape[-2] // bs:
         raise ValueError(f"block must be in [0, {mean.shape[-2] // bs}), got {block}")
+    if bs * model.latent_dim < 2:
+        raise ValueError("a plane needs a block latent space of at least 2 dimensions (block_size * latent_dim)")
     in_block = slice(block * bs, (block + 1) * bs)
     tokens = slice(block * per, (block + 1) * per)
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,65 @@
+"""Every diagnostic end to end on a real Cola checkpoint: the embedded model when it is
+built, else the official-format fixture (random weights). Cheap solver settings: this checks
+that everything runs and draws, not the numbers (the tractable-model tests do that)."""
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import colaprob
+from colaprob.diagnostics import report
+from colaprob.errors import ColaprobError
+
+# One Hutchinson probe and four RK4 steps per density, four Euler steps per sample.
+FAST = {"trace": "hutchinson", "cnf_options": {"method": "rk4", "steps": 4}}
+FAST_SAMPLER = {"steps": 4}
+OPTIONS = {
+    "decomposition": {"n_samples": 2, **FAST},
+    "probes": {"n_posterior": 4, "n_prior": 4, "sample_options": FAST_SAMPLER, **FAST},
+    "information_curve": {"logsnr": np.linspace(8, -8, 9), "n_noise": 1},
+    "embedding": {"methods": ("pca", "umap"), "n_prior": 1, "n_generated": 2, "sample_options": FAST_SAMPLER},
+    "density_slice": {"resolution": 9, "n_prior": 8, "sample_options": FAST_SAMPLER, **FAST},
+}
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Return the value of x.",
+    "A list is a mutable sequence.",
+    "Numbers and words.",
+]
+
+
+@pytest.fixture(scope="module")
+def named_model(fixture_dirs):
+    try:
+        return "tiny", colaprob.load("tiny")
+    except ColaprobError:  # the embedded model is not built yet
+        return "official-tiny-a", colaprob.load(fixture_dirs[0])
+
+
+def test_every_diagnostic_runs_and_draws(named_model, tmp_path):
+    name, model = named_model
+    results = report(
+        model,
+        model.frame(TEXTS),
+        tmp_path,
+        model_name=name,
+        token_label=lambda i: model.tokenizer.decode([i]),
+        block=1,
+        options=OPTIONS,
+    )
+
+    dec = results["decomposition"]
+    assert abs(float(dec.identity_residual)) < 1e-6 * max(1.0, abs(float(dec.window_rate_mean)))
+    assert float(dec.mutual_information) <= np.log(len(TEXTS)) + 1e-9
+    assert np.isfinite(dec.elbo).all()
+    probes = results["probes"]
+    for var in ("decoder_probe", "posterior_hit", "prior_hit", "generation_prob", "density_percentile"):
+        values = probes[var].values[~np.isnan(probes[var].values)]
+        assert values.size and ((values >= 0) & (values <= 1)).all(), var
+    assert np.isfinite(results["density_slice"].log_prob).all()
+    assert np.isfinite(results["embedding"].umap).all()
+    for png in sorted(tmp_path.glob("*.png")):
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 300 and image[..., :3].std() > 0.05, png.name
+    assert len(list(tmp_path.glob("*.png"))) == 6
+

@@ -1,0 +1,86 @@
+"""``report`` writes a complete folder, and every figure can be drawn again from the files
+alone -- the plots take data, they do not compute."""
+
+import io
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from colaprob.diagnostics import plots, report, summarize_probes
+from colaprob.results import read_dataset
+from colaprob.testing import BlockMixturePrior, CategoricalDecoder, QuadratureModel, make_batch
+
+CHEAP = {
+    "decomposition": {"n_samples": 2},
+    "probes": {"n_posterior": 4, "n_prior": 4},
+    "information_curve": {"logsnr": np.linspace(6, -6, 7), "n_noise": 2},
+    "embedding": {"methods": ("pca",), "n_generated": 2},
+    "density_slice": {"resolution": 9, "n_prior": 8},
+}
+
+
+def small_model() -> QuadratureModel:
+    """One channel, blocks of two positions, four tokens: a one-channel PCA and a slice plane
+    that is the whole block space."""
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 2, 1)
+    prior = BlockMixturePrior(
+        torch.zeros(2), torch.zeros(shape), torch.randn(shape, generator=g), 0.5 * torch.randn(shape, generator=g), torch.full(shape, math.log(0.8))
+    )
+    decoder = CategoricalDecoder(2 * torch.randn(1, 4, 1, generator=g), torch.randn(1, 4, generator=g))
+    return QuadratureModel(prior, decoder, patch_size=1, latent_scale=1.2, latent_shift=0.1)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    batch = make_batch([torch.tensor(s) for s in ([0, 1], [2, 3], [1, 1], [3, 0], [2, 2])])
+    results = report(small_model(), batch, out, model_name="small", token_label="wxyz".__getitem__, sequence=1, options=CHEAP)
+    return out, results
+
+
+def test_report_writes_results_figures_and_summary(written):
+    out, results = written
+    names = {"decomposition", "probes", "probe_summary", "information_curve", "embedding", "density_slice"}
+    assert set(results) == names
+    for name in names:
+        ds = read_dataset(out / f"{name}.nc")
+        assert ds.attrs["diagnostic"] == name and ds.attrs["model"] == "small" and "torch_version" in ds.attrs
+        assert set(ds.data_vars) == set(results[name].data_vars)
+    figures = ["decomposition", "probes_sequence1", "probe_summary", "information_curve", "embedding", "density_slice"]
+    for name in figures:
+        image = matplotlib.image.imread(out / f"{name}.png")
+        assert image.shape[0] > 300 and image.shape[1] > 500, name
+        assert image[..., :3].std() > 0.05, f"{name}.png is nearly blank"
+    summary = (out / "summary.md").read_text()
+    elbo = -float(results["decomposition"].elbo.sum()) / float(results["decomposition"].n_tokens.sum())
+    assert f"| -ELBO | {elbo:.4f} nats/token |" in summary
+    assert "high-NLL tokens are still generated" in summary
+    for name in figures:
+        assert f"`{name}.png`" in summary
+
+
+def test_figures_draw_from_the_files_alone(written):
+    out, _ = written
+    load = lambda name: read_dataset(out / f"{name}.nc")  # noqa: E731
+    probes = load("probes")
+    figures = [
+        plots.plot_decomposition(load("decomposition")),
+        plots.plot_probes(probes, 3),
+        plots.plot_probe_summary(summarize_probes(probes)),
+        plots.plot_information_curve(load("information_curve")),
+        plots.plot_embedding(load("embedding")),
+        plots.plot_density_slice(load("density_slice"), block_token=1),
+    ]
+    for fig in figures:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=40)
+        assert buffer.getvalue().startswith(b"\x89PNG")
+
+
+def test_report_rejects_unknown_options(tmp_path):
+    with pytest.raises(ValueError, match="unknown diagnostics"):
+        report(small_model(), make_batch([torch.tensor([0, 1])]), tmp_path, options={"probe": {}})
