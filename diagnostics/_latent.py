@@ -119,28 +119,41 @@ def prior_block_log_prob(
     return torch.where(r.integrated, r.block_logp.double() + latent_log_jacobian(model, model.block_size), 0.0)
 
 
-def prior_samples(model: LatentModel, history: Tensor, n: int, *, seed: int = 0, sample_options: dict | None = None) -> Tensor:
-    """``n`` teacher-forced prior draws of every block, ``z^(b) ~ p_psi(. | history^(<b))``.
+def prior_samples(
+    model: LatentModel, history: Tensor, noise: Tensor | int, *, seed: int = 0, sample_options: dict | None = None
+) -> Tensor:
+    """Teacher-forced prior draws of every block, ``z^(b) ~ p_psi(. | history^(<b))``.
 
-    ``history``: [B, L, d] posterior-space latents (the gold posterior means). Returns
-    [n, B, L, d] in the posterior's space, from ``cnf.sample`` (``sample_options``: its solver
-    settings; default 16 Euler steps as in Cola generation).
+    ``history``: [B, L, d] posterior-space latents (the gold posterior means). ``noise``: the
+    standard-normal starting points [n, B, L, d], or a count ``n`` to draw them from ``seed``.
+    Returns [n, B, L, d] in the posterior's space, from ``cnf.sample`` (``sample_options``:
+    its solver settings; default 16 Euler steps as in Cola generation).
     """
+    n = noise if isinstance(noise, int) else noise.shape[0]
     u = to_prior_space(model, history).expand(n, *history.shape)
-    return from_prior_space(model, cnf.sample(model.prior_velocity, u, model.block_size, seed=seed, **(sample_options or {})))
+    start = None if isinstance(noise, int) else noise
+    draws = cnf.sample(model.prior_velocity, u, model.block_size, noise=start, seed=seed, **(sample_options or {}))
+    return from_prior_space(model, draws)
 
 
 def generated_latents(
-    model: LatentModel, n: int, n_positions: int, *, seed: int = 0, sample_options: dict | None = None
+    model: LatentModel,
+    n: int,
+    n_positions: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    sample_options: dict | None = None,
 ) -> Tensor:
     """``n`` latent sequences generated freely by the prior, block after block, each block
-    drawn given the blocks generated before it. Returns [n, n_positions, d], posterior space.
+    drawn given the blocks generated before it. Returns [n, n_positions, d] of ``dtype`` (the
+    model's), posterior space.
 
     ``cnf.sample`` draws every block given a fixed history, so block ``b`` is drawn with the
     generated blocks ``< b`` as history (one solve per block, over blocks ``<= b`` only).
     """
     bs = model.block_size
-    u = torch.zeros(n, n_positions, model.latent_dim)
+    u = torch.zeros(n, n_positions, model.latent_dim, dtype=dtype)
     for b in range(-(-n_positions // bs)):
         end = min((b + 1) * bs, n_positions)
         draw = cnf.sample(model.prior_velocity, u[:, :end], bs, seed=seed + b, **(sample_options or {}))

@@ -74,8 +74,8 @@ def decompose(
 
     ``n_samples``: K posterior samples per sequence; ``window_blocks``: W, the leading prior
     blocks on which ``q_bar`` lives (default: the fewest blocks of any sequence);
-    ``batch_size``: sequences per model call (the noise is drawn for the whole corpus first,
-    so the result does not depend on it); ``trace``, ``cnf_options``: passed to
+    ``batch_size``: sequences per model call (the posterior noise is drawn for the whole
+    corpus first, so with the exact trace the result does not depend on it); ``trace``, ``cnf_options``: passed to
     ``cnf.block_causal_log_prob``.
 
     Returns an ``xarray.Dataset`` with, over ``sequence``: ``distortion``, ``rate``,

@@ -61,7 +61,9 @@ def embedding(
         valid = block_mask(model, batch, mean.shape[-2] // model.block_size).repeat_interleave(model.block_size, -1)
         first_token = batch.ids[:, :: model.patch_size]
         z_prior = prior_samples(model, mean, n_prior, seed=seed, sample_options=sample_options)
-        z_gen = generated_latents(model, n_generated, mean.shape[-2], seed=seed, sample_options=sample_options)
+        z_gen = generated_latents(
+            model, n_generated, mean.shape[-2], dtype=mean.dtype, seed=seed, sample_options=sample_options
+        )
         decoded = [_decoded_first_tokens(model, z, batch) for z in (mean, z_prior)]
         # The decoder reads shapes and lengths from a batch: the longest text's row stands in.
         gen_batch = batch.select([int(torch.argmax(batch.lengths))] * n_generated)
@@ -186,18 +188,20 @@ def density_slice(
     u = u0.expand(resolution, resolution, *u0.shape).clone()
     u[..., 0, in_block, :] += offset
     z = from_prior_space(model, u)
-    # The block-causal prior's block b needs nothing after it: solve on blocks <= b only.
+    # The block-causal prior's block b needs nothing after it: solve on blocks <= b only. The
+    # gold latent itself rides along as one more point of the same solve.
     keep = slice(0, (block + 1) * bs)
-    log_prob = prior_block_log_prob(
-        model, z[..., keep, :].detach(), history=mean[:, keep], trace=trace, seed=seed, cnf_options=cnf_options
-    )[..., 0, block].detach()
+    points = torch.cat([z[..., keep, :].reshape(-1, *mean[:, keep].shape), mean[None, :, keep]])
+    block_log_prob = prior_block_log_prob(
+        model, points, history=mean[:, keep], trace=trace, seed=seed, cnf_options=cnf_options
+    )[:, 0, block]
+    log_prob, gold_point_log_prob = block_log_prob[:-1].reshape(resolution, resolution), block_log_prob[-1]
     with torch.no_grad():
         logp, argmax = decode_gold(model, z, one)
         z_prior = prior_samples(model, mean, n_prior, seed=seed, sample_options=sample_options)
     gold = one.ids[0, tokens]
     argmax = argmax[..., 0, tokens]
     projection = torch.einsum("spd,apd->sa", to_prior_space(model, z_prior)[:, 0, in_block] - u0[0, in_block], e)
-    center = resolution // 2
     ds = xr.Dataset(
         {
             "log_prob": (("alpha", "beta"), log_prob.numpy()),
@@ -207,7 +211,7 @@ def density_slice(
             "gold_token": ("block_token", gold.numpy()),
             "prior_projection": (("prior_sample", "axis"), projection.double().numpy()),
             "direction": (("axis", "position", "channel"), e.double().numpy()),
-            "gold_point_log_prob": float(log_prob[center, center]) if resolution % 2 else np.nan,
+            "gold_point_log_prob": float(gold_point_log_prob),
         },
         coords={"alpha": grid.numpy(), "beta": grid.numpy(), "axis": ["e1", "e2"]},
     )

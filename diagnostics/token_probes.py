@@ -64,22 +64,25 @@ def probes(
     """Per-token and per-block probes of every sequence in ``batch`` (module docstring).
 
     Returns an ``xarray.Dataset`` with, over ``(sequence, token)``: ``token_id``, ``valid``,
-    ``block``, ``decoder_probe``, ``posterior_hit``, ``prior_hit``, ``generation_prob``,
+    ``decoder_probe``, ``posterior_hit``, ``prior_hit``, ``generation_prob``,
     ``token_log_prob``, ``block_kl_share``, ``token_elbo``; over ``(sequence, block)``:
     ``block_valid``, ``block_kl``, ``gold_log_prob``, ``density_percentile``; over
     ``(prior_sample, sequence, block)``: ``prior_sample_log_prob``. Log-densities in nats on the
-    posterior's space; hit rates in [0, 1]. Invalid (padding) entries are NaN.
+    posterior's space; hit rates in [0, 1]. Invalid (padding) entries are NaN. The coordinate
+    ``token_block`` gives each token's prior block.
     """
     n_seq, n_tok = batch.ids.shape
     n_blk = n_tok // tokens_per_block(model)
     gen = torch.Generator().manual_seed(seed)
     # Noise for the whole corpus first, so the numbers do not depend on ``batch_size``.
-    eps = torch.randn(n_posterior, n_seq, n_tok // model.patch_size, model.latent_dim, generator=gen)
+    n_pos = n_tok // model.patch_size
+    eps = torch.randn(n_posterior, n_seq, n_pos, model.latent_dim, generator=gen)
+    prior_noise = torch.randn(n_prior, n_seq, n_pos, model.latent_dim, generator=gen, dtype=torch.float64)
     layout = _layout(n_seq, n_tok, n_blk, n_prior)
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
     for rows in chunks(n_seq, batch_size, "probes"):
-        sub = batch.select(rows)
-        for name, value in _probe_chunk(model, sub, eps[:, rows], n_prior, trace, seed, cnf_options, sample_options).items():
+        noise = (eps[:, rows], prior_noise[:, rows])
+        for name, value in _probe_chunk(model, batch.select(rows), noise, trace, seed, cnf_options, sample_options).items():
             out[name][..., rows, : value.shape[-1]] = value
     valid, bvalid = token_mask(batch), block_mask(model, batch, n_blk)
     ds = xr.Dataset(
@@ -88,7 +91,6 @@ def probes(
             "token_id": (("sequence", "token"), batch.ids.numpy()),
             "valid": (("sequence", "token"), valid.numpy()),
             "block_valid": (("sequence", "block"), bvalid.numpy()),
-            "token_elbo": (("sequence", "token"), out["token_log_prob"] - out["block_kl_share"]),
         },
         coords={
             "sequence": np.arange(n_seq),
@@ -97,6 +99,7 @@ def probes(
             "token_block": ("token", block_of_token(model, n_tok).numpy()),
         },
     )
+    ds["token_elbo"] = ds["token_log_prob"] - ds["block_kl_share"]
     ds.attrs.update(
         units="nats (log-densities on the posterior's space); probabilities in [0, 1]",
         n_posterior=n_posterior,
@@ -128,22 +131,24 @@ def _layout(n_seq: int, n_tok: int, n_blk: int, n_prior: int) -> dict:
     }
 
 
-def _probe_chunk(model, batch, eps, n_prior, trace, seed, cnf_options, sample_options) -> dict:
+def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) -> dict:
     """The probes of one sub-batch as float64 arrays (token and block axes as long as its
-    longest sequence). ``eps``: [n_posterior, B, >= L, d] standard-normal noise."""
+    longest sequence). ``noise``: standard-normal draws for the posterior samples and for the
+    prior sampler, [n_posterior, B, >= L, d] and [n_prior, B, >= L, d]."""
     ids = batch.ids
     with torch.no_grad():
         q = model.posterior(batch)
         mean = q.mean
-        n_blk = mean.shape[-2] // model.block_size
+        n_pos = mean.shape[-2]
+        n_blk = n_pos // model.block_size
         decoder_probe = model.decoder_logits(mean, batch).argmax(-1) == ids
 
         # Posterior side: the whole latent from q(z|x).
-        z_post = q.sample(eps[:, :, : mean.shape[-2]].to(mean.dtype))
+        z_post = q.sample(noise[0][:, :, :n_pos].to(mean.dtype))
         post_logp, post_argmax = decode_gold(model, z_post, batch)
 
         # Prior side: block b from p_psi(. | gold history), decoded with the rest at the mean.
-        z_prior = prior_samples(model, mean, n_prior, seed=seed, sample_options=sample_options)
+        z_prior = prior_samples(model, mean, noise[1][:, :, :n_pos], sample_options=sample_options)
         position_block = torch.arange(mean.shape[-2]) // model.block_size
         token_block = block_of_token(model, ids.shape[-1])
         prior_hit = torch.zeros(ids.shape, dtype=torch.float64)
