@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from colaprob.estimators import cnf
+from colaprob.estimators import _importance, cnf
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, latent_log_jacobian, to_prior_space
 
 
@@ -22,6 +22,22 @@ def chunks(n: int, size: int, desc: str):
     starts = range(0, n, size)
     for start in tqdm(starts, desc=desc, unit="chunk", disable=len(starts) < 2):
         yield slice(start, min(start + size, n))
+
+
+PRIOR_SAMPLE_STREAM = 2
+"""Random stream of the prior sampler's starting noise (the estimators use 0 for posterior
+draws and 1 for Hutchinson probes)."""
+
+
+def standard_normal(model: LatentModel, batch: TokenBatch, n: int, seed: int, stream: int = _importance.POSTERIOR_STREAM) -> Tensor:
+    """[n, B, L, d] float64 standard-normal draws from the estimators' per-sequence streams:
+    sequence ``i``'s numbers depend only on ``(seed, stream, i, sample)``, so they do not change
+    with batch or chunk sizes, and the posterior stream gives the very draws of
+    ``colaprob.estimators.elbo`` -- a decomposition of the same ELBO, sample for sample."""
+    positions = -(-batch.lengths // model.patch_size)
+    draws = _importance.stream_draws(seed, stream, _importance.sequence_keys(batch), range(n), positions, model.latent_dim)
+    width = batch.ids.shape[-1] // model.patch_size
+    return torch.nn.functional.pad(draws, (0, 0, 0, width - draws.shape[-2]))
 
 
 def tokens_per_block(model: LatentModel) -> int:

@@ -49,6 +49,7 @@ from colaprob.diagnostics._latent import (
     block_mask,
     chunks,
     latent_lengths,
+    standard_normal,
     prior_block_log_prob,
     sum_per_block,
     token_mask,
@@ -74,8 +75,9 @@ def decompose(
 
     ``n_samples``: K posterior samples per sequence; ``window_blocks``: W, the leading prior
     blocks on which ``q_bar`` lives (default: the fewest blocks of any sequence);
-    ``batch_size``: sequences per model call (the posterior noise is drawn for the whole
-    corpus first, so with the exact trace the result does not depend on it); ``trace``, ``cnf_options``: passed to
+    ``batch_size``: sequences per model call (each sequence's draws come from its own random
+    stream -- the same as ``colaprob.estimators.elbo`` with this ``seed`` -- so the result does
+    not depend on it beyond the solver's shared step sizes); ``trace``, ``cnf_options``: passed to
     ``cnf.block_causal_log_prob``.
 
     Returns an ``xarray.Dataset`` with, over ``sequence``: ``distortion``, ``rate``,
@@ -94,9 +96,7 @@ def decompose(
     if not 1 <= w <= int(blocks.min()):
         raise ValueError(f"window_blocks must be in [1, {int(blocks.min())}] (the shortest sequence), got {w}")
     w_pos = w * model.block_size
-    n_pos = int(blocks.max()) * model.block_size
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(n_samples, n_seq, n_pos, model.latent_dim, generator=gen)
+    eps = standard_normal(model, batch, n_samples, seed)
 
     distortion, rate, lq_w, lp_w, means, z_w, mean_w, logvar_w = ([] for _ in range(8))
     for rows in chunks(n_seq, batch_size, "decompose"):
@@ -126,7 +126,7 @@ def decompose(
     # float32 rounding of z into nats, so z must not be recomputed here.
     z_w, mean_w, logvar_w = torch.cat(z_w, dim=1), torch.cat(mean_w), torch.cat(logvar_w)
     # Nested subsets are taken in a seeded random order: corpora are often sorted by topic.
-    order = torch.randperm(n_seq, generator=gen)
+    order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed))
     cross = cross_log_prob(z_w[:, order], mean_w[order], logvar_w[order])
 
     window_rate = lq_w - lp_w

@@ -35,6 +35,7 @@ import torch
 import xarray as xr
 
 from colaprob.diagnostics._latent import (
+    PRIOR_SAMPLE_STREAM,
     block_mask,
     block_of_token,
     chunks,
@@ -42,6 +43,7 @@ from colaprob.diagnostics._latent import (
     latent_lengths,
     prior_block_log_prob,
     prior_samples,
+    standard_normal,
     sum_per_block,
     token_mask,
     tokens_per_block,
@@ -73,11 +75,10 @@ def probes(
     """
     n_seq, n_tok = batch.ids.shape
     n_blk = n_tok // tokens_per_block(model)
-    gen = torch.Generator().manual_seed(seed)
-    # Noise for the whole corpus first, so the numbers do not depend on ``batch_size``.
-    n_pos = n_tok // model.patch_size
-    eps = torch.randn(n_posterior, n_seq, n_pos, model.latent_dim, generator=gen)
-    prior_noise = torch.randn(n_prior, n_seq, n_pos, model.latent_dim, generator=gen, dtype=torch.float64)
+    # Per-sequence random streams: the numbers do not depend on ``batch_size``, and the
+    # posterior draws are those of ``colaprob.estimators.elbo`` with this seed.
+    eps = standard_normal(model, batch, n_posterior, seed)
+    prior_noise = standard_normal(model, batch, n_prior, seed, stream=PRIOR_SAMPLE_STREAM)
     layout = _layout(n_seq, n_tok, n_blk, n_prior)
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
     for rows in chunks(n_seq, batch_size, "probes"):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from colaprob.diagnostics import active_units, decompose
+from colaprob.estimators.elbo import elbo
 from colaprob.testing import BlockMixturePrior, GaussianDecoder, LinearGaussianModel, make_batch
 from colaprob.testing.strategies import block_mixture_priors, latent_scales, latent_shifts, token_batches
 
@@ -120,6 +121,16 @@ def test_active_units_count_only_valid_positions():
     assert float(ds.posterior_mean_variance[0]) == pytest.approx(0.0121, rel=1e-4)
     assert float(ds.posterior_mean_variance[1]) == pytest.approx(0.0, abs=1e-20)
     np.testing.assert_array_equal(ds.active, [True, False])
+
+
+def test_distortion_and_rate_split_the_estimators_elbo():
+    """The decomposition draws the estimators' posterior samples: distortion + rate is
+    ``colaprob.estimators.elbo`` with the same seed, sequence by sequence."""
+    model = gaussian_model(prior_mean=0.2, sigma=0.5, scale=2.0, shift=0.3)
+    batch = real_batch([0.1], [1.0, -0.5], [0.3, 0.3, 2.0])
+    ds = decompose(model, batch, n_samples=5, seed=11)
+    reference = elbo(model, batch, n_samples=5, seed=11).log_likelihood.values
+    np.testing.assert_allclose(-(ds.distortion + ds.rate), reference, rtol=1e-6)
 
 
 def test_result_does_not_depend_on_batch_size():
