@@ -14,14 +14,18 @@ ELBO. For text ``x`` with posterior ``q(z|x)``, posterior mean ``m`` and prior b
   ODE sampler), the other blocks kept at the posterior mean; ``n_prior`` samples. This is the
   probability that greedy decoding of a teacher-forced generated block gives the gold token.
 * ``generation_prob``: ``E_{z^(b) ~ p_psi(. | m^(<b))}[p_theta(x_i | ...)]`` on the same prior
-  samples -- the probability that generation with *sampled* decoding gives the gold token.
+  samples -- the probability that generation with *sampled* decoding gives the gold token:
+  where the prior puts its mass, times what the decoder makes of it there.
 * ``gold_log_prob``: ``log p_psi(m^(b) | m^(<b))`` (posterior space) and
   ``density_percentile``: the fraction of the block's prior samples whose own ``log p_psi(.
-  | m^(<b))`` is at most that -- 0.5 means the gold latent is as typical as a sample; near 0
-  means the prior puts little density on it even if it puts mass nearby.
-* the likelihood side: ``token_log_prob = E_q[log p_theta(x_i | z)]``, ``block_kl =
-  E_q[log q(z^(b)|x) - log p_psi(z^(b) | z^(<b))]`` (the block's rate, on the posterior's own
-  samples), its per-token share ``block_kl / (patch_size * block_size)``, and ``token_elbo =
+  | m^(<b))`` is at most that -- 0.5: the gold latent is as dense as a typical sample; near 0:
+  the prior puts little density on it (whatever mass it puts nearby); near 1: denser than
+  the prior's own samples (a mode).
+* the likelihood side: ``token_log_prob = E_q[log p_theta(x_i | z)]``, the block's prior
+  term ``block_prior_log_prob = E_q[log p_psi(z^(b) | z^(<b))]`` and its rate ``block_kl =
+  E_q[log q(z^(b)|x) - log p_psi(z^(b) | z^(<b))]`` (on the posterior's own samples, each
+  block given the sampled history, as in the ELBO), the rate's per-token share
+  ``block_kl_share = block_kl / (patch_size * block_size)``, and ``token_elbo =
   token_log_prob - block_kl_share``, which sums over a sequence's tokens to its ELBO.
 
 ``summarize`` turns the per-token table into the corpus view: how often tokens with a high
@@ -68,7 +72,8 @@ def probes(
     Returns an ``xarray.Dataset`` with, over ``(sequence, token)``: ``token_id``, ``valid``,
     ``decoder_probe``, ``posterior_hit``, ``prior_hit``, ``generation_prob``,
     ``token_log_prob``, ``block_kl_share``, ``token_elbo``; over ``(sequence, block)``:
-    ``block_valid``, ``block_kl``, ``gold_log_prob``, ``density_percentile``; over
+    ``block_valid``, ``block_kl``, ``block_prior_log_prob``, ``gold_log_prob``,
+    ``density_percentile``; over
     ``(prior_sample, sequence, block)``: ``prior_sample_log_prob``. Log-densities in nats on the
     posterior's space; hit rates in [0, 1]. Invalid (padding) entries are NaN. The coordinate
     ``token_block`` gives each token's prior block.
@@ -126,6 +131,7 @@ def _layout(n_seq: int, n_tok: int, n_blk: int, n_prior: int) -> dict:
         "token_log_prob": tok,
         "block_kl_share": tok,
         "block_kl": blk,
+        "block_prior_log_prob": blk,
         "gold_log_prob": blk,
         "density_percentile": blk,
         "prior_sample_log_prob": (("prior_sample", "sequence", "block"), (n_prior, n_seq, n_blk)),
@@ -164,7 +170,8 @@ def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) 
     # Prior densities need autograd (the CNF divergence), so they sit outside no_grad.
     lq_blk = sum_per_block(q.log_prob(z_post), model.block_size)
     density = dict(lengths=latent_lengths(model, batch), trace=trace, seed=seed, cnf_options=cnf_options)
-    block_kl = (lq_blk - prior_block_log_prob(model, z_post, **density)).mean(0)
+    block_prior = prior_block_log_prob(model, z_post, **density)
+    block_kl = (lq_blk - block_prior).mean(0)
     gold_log_prob = prior_block_log_prob(model, mean, **density)
     sample_log_prob = prior_block_log_prob(model, z_prior, history=mean, **density)
     values = {
@@ -175,6 +182,7 @@ def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) 
         "token_log_prob": post_logp.mean(0),
         "block_kl_share": block_kl[:, token_block] / tokens_per_block(model),
         "block_kl": block_kl,
+        "block_prior_log_prob": block_prior.mean(0),
         "gold_log_prob": gold_log_prob,
         "density_percentile": (sample_log_prob <= gold_log_prob).double().mean(0),
         "prior_sample_log_prob": sample_log_prob,
