@@ -127,16 +127,12 @@ def summary_markdown(results: dict[str, xr.Dataset], model_name: str, figures: l
         f"teacher-forced prior sample, and {float(sm['low_nll_missed_fraction']):.1%} of the low-NLL tokens are not "
         f"(Spearman correlation of NLL and prior hit: {float(sm['spearman_nll_prior_hit']):.2f}). Generation needs prior "
         "mass near the gold latent's decoding region (prior hit); likelihood needs the prior density calibrated at the "
-        "gold posterior (density percentile near 0.5, small block KL) -- where the two columns disagree, the two "
-        "measures disagree.",
+        "gold posterior (density percentile near 0.5, small block KL). The off-diagonal cells count the tokens on which "
+        "the two measures disagree.",
         "",
         "## Information along the flow",
         "",
-        f"Decoding the posterior mean gives token accuracy {float(ic['accuracy_at_mean']):.3f}; the one-step denoised "
-        f"estimate loses half of the way to its noisiest value at logSNR = {float(ic['midpoint_logsnr']):.2f}. "
-        f"Training draws t from {ic.attrs['train_t_distribution']}, whose logSNR median is "
-        f"{-2 * float(ic.attrs['train_loc']) + 0.0:.2f}: a midpoint far from it means the prior trains mostly where token "
-        "identity is already decided or already lost.",
+        _flow_reading(ic),
         "",
         "## Geometry",
         "",
@@ -164,6 +160,21 @@ def _mi_reading(dec: xr.Dataset) -> str:
             else "it stays below the cap, and its values on nested subsets (see the figure) show how far it has converged."
         )
         + " The marginal KL is the part of the rate the prior could still remove by matching the aggregate posterior."
+    )
+
+
+def _flow_reading(ic: xr.Dataset) -> str:
+    midpoint = float(ic["midpoint_logsnr"])
+    where = (
+        f"the one-step denoised estimate has lost half of its accuracy (from the cleanest to the noisiest grid point) "
+        f"at logSNR = {midpoint:.2f}"
+        if np.isfinite(midpoint)
+        else "the one-step denoised estimate does not lose accuracy along the grid"
+    )
+    return (
+        f"Decoding the posterior mean gives token accuracy {float(ic['accuracy_at_mean']):.3f}; {where}. Training draws t "
+        f"from {ic.attrs['train_t_distribution']}, whose logSNR median is {-2 * float(ic.attrs['train_loc']) + 0.0:.2f}: "
+        "a midpoint far from it means the prior trains mostly where token identity is already decided or already lost."
     )
 
 
