@@ -54,6 +54,9 @@ from colaprob.diagnostics._latent import (
 )
 from colaprob.protocol import LatentModel, TokenBatch
 
+PROBES = ("prior_hit", "posterior_hit", "decoder_probe", "generation_prob")
+"""The per-token probes ``summarize`` bins against the likelihood."""
+
 
 def probes(
     model: LatentModel,
@@ -244,7 +247,3 @@ def summarize(
         ),
     )
     return out
-
-
-PROBES = ("prior_hit", "posterior_hit", "decoder_probe", "generation_prob")
-"""The per-token probes ``summarize`` bins against the likelihood."""
