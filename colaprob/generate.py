@@ -43,7 +43,7 @@ class Sampling:
 
     max_new_tokens: int = 64
     steps: int = 16
-    guidance: float = 2.0
+    guidance: float = 7.0  # the official default
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
