@@ -129,7 +129,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     model = build_model(args)
-    max_bytes = args.max_tokens - (model.framing.eos_id is not None)
+    # A byte per token, room for the eos, and the framed length stays a whole number of blocks.
+    multiple = model.patch_size * model.block_size
+    max_bytes = args.max_tokens // multiple * multiple - 1
     train_docs, train_source = documents(args.train, "train", args.mode, max_bytes)
     heldout_docs, heldout_source = documents(args.heldout, "heldout", args.mode, max_bytes)
     if not heldout_docs:
