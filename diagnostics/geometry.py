@@ -119,11 +119,17 @@ def _embed(method: str, x: np.ndarray, fit: np.ndarray, seed: int, umap_options:
         # n_jobs=1: a seeded UMAP is single-threaded anyway (and says so in a warning otherwise).
         options = {"n_neighbors": 15, "min_dist": 0.1, "random_state": seed, "n_jobs": 1} | umap_options
         options["n_neighbors"] = min(options["n_neighbors"], int(fit.sum()) - 1)
-        reducer = umap.UMAP(n_components=2, **options).fit(x[fit])
-        out = np.empty((len(x), 2))
-        out[fit] = reducer.embedding_
-        if (~fit).any():
-            out[~fit] = reducer.transform(x[~fit])
+        # numba's OpenMP layer resets the process-wide thread count that torch shares; left
+        # so, torch later runs up to 100x slower (measured on a busy 2-core machine).
+        threads = torch.get_num_threads()
+        try:
+            reducer = umap.UMAP(n_components=2, **options).fit(x[fit])
+            out = np.empty((len(x), 2))
+            out[fit] = reducer.embedding_
+            if (~fit).any():
+                out[~fit] = reducer.transform(x[~fit])
+        finally:
+            torch.set_num_threads(threads)
         return out, {}
     raise ValueError(f"unknown embedding method {method!r}; use 'pca' or 'umap'")
 
