@@ -8,6 +8,8 @@ dimensions.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -38,6 +40,12 @@ def standard_normal(model: LatentModel, batch: TokenBatch, n: int, seed: int, st
     draws = _importance.stream_draws(seed, stream, _importance.sequence_keys(batch), range(n), positions, model.latent_dim)
     width = batch.ids.shape[-1] // model.patch_size
     return torch.nn.functional.pad(draws, (0, 0, 0, width - draws.shape[-2]))
+
+
+def solver_settings(options: dict | None) -> str:
+    """Solver options as stored in a result's attributes: JSON text, ``{}`` for the defaults
+    of ``colaprob.estimators.cnf``."""
+    return json.dumps(options or {}, sort_keys=True, default=str)
 
 
 def tokens_per_block(model: LatentModel) -> int:

@@ -49,8 +49,9 @@ from colaprob.diagnostics._latent import (
     block_mask,
     chunks,
     latent_lengths,
-    standard_normal,
     prior_block_log_prob,
+    solver_settings,
+    standard_normal,
     sum_per_block,
     token_mask,
 )
@@ -173,6 +174,7 @@ def decompose(
         n_sequences=n_seq,
         n_samples=n_samples,
         trace=trace,
+        cnf_options=solver_settings(cnf_options),
         seed=seed,
         mutual_information_note=(
             f"estimate <= log N = {math.log(n_seq):.4f} nats (MI of the empirical data distribution); "

@@ -25,6 +25,7 @@ from colaprob.diagnostics._latent import (
     generated_latents,
     prior_block_log_prob,
     prior_samples,
+    solver_settings,
 )
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, to_prior_space
 
@@ -96,6 +97,7 @@ def embedding(
         fitted_on="posterior means only; prior samples and generated latents are transformed by the same fit",
         prior_samples=f"{n_prior} teacher-forced prior sample(s) per sequence (each block given the gold history)",
         generated=f"{n_generated} freely generated latent sequences of {mean.shape[-2]} positions",
+        sample_options=solver_settings(sample_options),
         seed=seed,
     )
     return ds
@@ -228,6 +230,8 @@ def density_slice(
         extent=extent,
         units="log_prob in nats on the posterior's space; alpha, beta in scaled (prior-space) units",
         trace=trace,
+        cnf_options=solver_settings(cnf_options),
+        sample_options=solver_settings(sample_options),
         seed=seed,
     )
     return ds
