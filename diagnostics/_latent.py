@@ -26,9 +26,9 @@ def chunks(n: int, size: int, desc: str):
         yield slice(start, min(start + size, n))
 
 
-PRIOR_SAMPLE_STREAM = 2
-"""Random stream of the prior sampler's starting noise (the estimators use 0 for posterior
-draws and 1 for Hutchinson probes)."""
+PRIOR_SAMPLE_STREAM, FLOW_NOISE_STREAM = 2, 3
+"""Random streams of the prior sampler's starting noise and of the information curve's noise
+(the estimators use 0 for posterior draws and 1 for Hutchinson probes)."""
 
 
 def standard_normal(model: LatentModel, batch: TokenBatch, n: int, seed: int, stream: int = _importance.POSTERIOR_STREAM) -> Tensor:

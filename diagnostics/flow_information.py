@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from colaprob.diagnostics._latent import chunks, decode_gold, token_mask
+from colaprob.diagnostics._latent import FLOW_NOISE_STREAM, chunks, decode_gold, standard_normal, token_mask
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, to_prior_space
 
 
@@ -53,9 +53,8 @@ def information_curve(
     """
     logsnr = np.linspace(12.0, -12.0, 25) if logsnr is None else np.asarray(logsnr, dtype=float)
     t_grid = 1.0 / (1.0 + np.exp(logsnr / 2.0))
-    n_seq, n_tok = batch.ids.shape
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(n_noise, n_seq, n_tok // model.patch_size, model.latent_dim, generator=gen)
+    n_seq = len(batch)
+    eps = standard_normal(model, batch, n_noise, seed, stream=FLOW_NOISE_STREAM)
     hits = np.zeros(len(t_grid))
     nll = np.zeros(len(t_grid))
     hits_mean = nll_mean = 0.0
