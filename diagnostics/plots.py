@@ -50,30 +50,41 @@ def plot_decomposition(ds: xr.Dataset) -> Figure:
         "rate beyond\nthe window": float((ds["rate"] - ds["window_rate"]).sum()) / tokens,
     }
     colors = ["#4c72b0", "#55a868", "#c44e52", "#8c8c8c"]
-    bottom = 0.0
+    total = sum(max(v, 0.0) for v in parts.values()) or 1.0
+    bottom, label_y = 0.0, -np.inf
     for (name, value), color in zip(parts.items(), colors):
         ax_bar.bar(0, value, bottom=bottom, color=color, width=0.6)
+        # Labels stay apart even when a segment is thin: each at least 12% of the bar above
+        # the previous one, joined to its segment by a line.
+        label_y = max(bottom + value / 2, label_y + 0.12 * total)
         ax_bar.annotate(
-            f"{name}: {value:.3f}", (0.32, bottom + value / 2), xytext=(0.45, bottom + value / 2),
+            f"{name}: {value:.3f}", (0.3, bottom + value / 2), xytext=(0.5, label_y),
             va="center", fontsize=8, arrowprops=dict(arrowstyle="-", color=color, lw=1),
         )
         bottom += value
     ax_bar.set_xlim(-0.4, 1.9)
+    ax_bar.set_ylim(min(0.0, bottom), max(bottom, label_y + 0.05 * total))
     ax_bar.set_xticks([])
     ax_bar.spines[["top", "right", "bottom"]].set_visible(False)
     ax_bar.set_ylabel("nats per token")
     ax_bar.set_title(f"-ELBO = {-float(ds['elbo'].sum()) / tokens:.3f} nats/token")
 
+    # MI lives below log n while the marginal KL can be orders larger: two axes.
     n = ds["subset"].values
     ax_mi.plot(n, ds["log_n_nested"], "k--", lw=1, label="log n (cap on the MI estimate)")
     ax_mi.plot(n, ds["mutual_information_nested"], "o-", color=colors[1], label="I_q(X;Z) estimate")
-    ax_mi.plot(n, ds["marginal_kl_nested"], "s-", color=colors[2], label="KL(q_bar || p_psi)")
     ax_mi.set_xscale("log", base=2)
     ax_mi.set_xlabel("sequences in the aggregate posterior (n, nested subsets)")
-    ax_mi.set_ylabel(f"nats per sequence ({ds.attrs.get('window_blocks', '?')} leading blocks)")
-    ax_mi.set_title("Convergence in n")
-    ax_mi.legend(fontsize=8, frameon=False)
+    ax_mi.set_ylabel("I_q(X;Z), nats per sequence", color=colors[1])
+    ax_mi.set_ylim(bottom=0)
     ax_mi.grid(alpha=0.3)
+    ax_kl = ax_mi.twinx()
+    ax_kl.plot(n, ds["marginal_kl_nested"], "s-", color=colors[2], label="KL(q_bar || p_psi)")
+    ax_kl.set_ylabel("KL(q_bar || p_psi), nats per sequence", color=colors[2])
+    ax_kl.set_ylim(bottom=0)
+    ax_mi.set_title(f"Convergence in n (the first {ds.attrs.get('window_blocks', '?')} blocks of every text)")
+    handles = ax_mi.get_legend_handles_labels()[0] + ax_kl.get_legend_handles_labels()[0]
+    ax_mi.legend(handles=handles, fontsize=8, loc="lower right", frameon=True)
 
     var = ds["posterior_mean_variance"].values
     active = ds["active"].values.astype(bool)
@@ -87,7 +98,7 @@ def plot_decomposition(ds: xr.Dataset) -> Figure:
     ax_au.set_xlabel("latent channel")
     ax_au.set_ylabel("Var_x E_q[z_c | x]")
     ax_au.set_title(f"Active units: {int(ds['n_active'])} of {len(ch)}")
-    ax_au.legend(fontsize=8, frameon=False)
+    ax_au.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     return fig
 
 
