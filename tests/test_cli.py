@@ -96,12 +96,11 @@ def test_decompose_probe_and_viz(tmp_path, fixture, texts):
     assert run_cli("viz", tmp_path / "probes.nc", "--sequence", "9").code == 2
 
 
-@pytest.mark.slow
 def test_demo_writes_the_report_folder_and_resumes(tmp_path, fixture):
     args = ["demo", "--model", fixture, "--sequences", "3", "-K", "2", "--prior-samples", "2", "-o", tmp_path / "demo", *CHEAP_CNF]
     first = run_cli(*args)
     assert first.code == 0, first.err
-    assert "IWAE-2 (exact trace)" in first.out and "IWAE-2 (Hutchinson)" in first.out
+    assert "(exact trace)" in first.out and "IWAE-2 (Hutchinson)" in first.out
     folder = tmp_path / "demo"
     assert {"README.md", "demo.json", "heldout.jsonl", "scores_elbo.nc", "scores_iwae.nc", "report"} <= {p.name for p in folder.iterdir()}
     assert (folder / "report" / "summary.md").exists() and (folder / "report" / "decomposition.png").exists()

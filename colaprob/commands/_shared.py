@@ -84,7 +84,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "exact") -> None:
+def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-5) -> None:
     group = parser.add_argument_group("prior density (CNF)")
     group.add_argument(
         "--trace",
@@ -93,8 +93,8 @@ def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "ex
         help=f"divergence along the flow: exact (block_size*d VJPs per step) or Hutchinson probes (default: {default_trace})",
     )
     group.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per solve (default: 1)")
-    group.add_argument("--rtol", type=tolerance, default=1e-5, help="ODE relative tolerance of an adaptive method (default: 1e-5)")
-    group.add_argument("--atol", type=tolerance, default=1e-5, help="ODE absolute tolerance of an adaptive method (default: 1e-5)")
+    group.add_argument("--rtol", type=tolerance, default=default_tolerance, help=f"ODE relative tolerance of an adaptive method (default: {default_tolerance:g})")
+    group.add_argument("--atol", type=tolerance, default=default_tolerance, help=f"ODE absolute tolerance of an adaptive method (default: {default_tolerance:g})")
     group.add_argument(
         "--method",
         choices=ODE_METHODS,
