@@ -30,8 +30,12 @@ KIND_STYLE = {
 }
 
 
+VISIBLE_WHITESPACE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"})
+
+
 def _label(token_label: TokenLabel | None, token: int) -> str:
-    return str(int(token)) if token_label is None else token_label(int(token))
+    """The text shown for a token, whitespace made visible (a space would be a blank tick)."""
+    return str(int(token)) if token_label is None else token_label(int(token)).translate(VISIBLE_WHITESPACE)
 
 
 def plot_decomposition(ds: xr.Dataset) -> Figure:
@@ -199,30 +203,34 @@ def plot_information_curve(ds: xr.Dataset) -> Figure:
     return fig
 
 
-def plot_embedding(ds: xr.Dataset, *, token_label: TokenLabel | None = None, top_k: int = 10) -> Figure:
+def plot_embedding(ds: xr.Dataset, *, token_label: TokenLabel | None = None, top_k: int = 10, max_overlay: int = 1500) -> Figure:
     """From ``geometry.embedding``: one panel per fitted map; posterior means coloured by
-    their gold token (the ``top_k`` most frequent; the rest grey), prior samples and
-    generated latents overlaid."""
+    their gold token (the ``top_k`` most frequent; the rest grey) drawn over the prior
+    samples and generated latents (at most ``max_overlay`` of each kind, a fixed random
+    subset, so they do not bury the data)."""
     methods = [m for m in ("pca", "umap") if m in ds]
     fig = Figure(figsize=(6.2 * len(methods) + 1.8, 5.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(methods)))
-    kind = ds["kind"].values
+    kind, tok = ds["kind"].values, ds["token_id"].values
     data = kind == "posterior_mean"
-    tokens, counts = np.unique(ds["token_id"].values[data], return_counts=True)
+    tokens, counts = np.unique(tok[data], return_counts=True)
     top = tokens[np.argsort(-counts)][:top_k]
     palette = [tuple(c) for c in colormaps["tab10"](np.arange(10))]
+    rng = np.random.default_rng(0)
+    overlay = {}
+    for name in KIND_STYLE:
+        where = np.flatnonzero(kind == name)
+        overlay[name] = rng.choice(where, max_overlay, replace=False) if len(where) > max_overlay else where
     for ax, method in zip(axes, methods):
         xy = ds[method].values
-        tok = ds["token_id"].values
+        for name, style in KIND_STYLE.items():
+            if len(overlay[name]):
+                ax.scatter(*xy[overlay[name]].T, zorder=1, **style)
         other = data & ~np.isin(tok, top)
-        ax.scatter(*xy[other].T, s=8, c="#cccccc", label="other tokens")
+        ax.scatter(*xy[other].T, s=10, c="#b0b0b0", edgecolors="white", linewidths=0.3, zorder=2, label="other tokens")
         for k, t in enumerate(top):
             sel = data & (tok == t)
-            ax.scatter(*xy[sel].T, s=10, color=palette[k % 10], label=repr(_label(token_label, t)))
-        for name, style in KIND_STYLE.items():
-            sel = kind == name
-            if sel.any():
-                ax.scatter(*xy[sel].T, **style)
+            ax.scatter(*xy[sel].T, s=16, color=palette[k % 10], edgecolors="white", linewidths=0.3, zorder=3, label=_label(token_label, t))
         title = method.upper()
         if method == "pca" and "pca_explained_variance_ratio" in ds:
             r = ds["pca_explained_variance_ratio"].values
@@ -230,14 +238,14 @@ def plot_embedding(ds: xr.Dataset, *, token_label: TokenLabel | None = None, top
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="posterior means by token")
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="posterior means by token", markerscale=1.5)
     return fig
 
 
-def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None, block_token: int = 0) -> Figure:
+def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None) -> Figure:
     """From ``geometry.density_slice``: the prior log-density on the plane with the region
-    where the whole block decodes to gold outlined, and the decoder's argmax regions for one
-    token of the block."""
+    where the whole block decodes to gold outlined, and how many of the block's tokens the
+    decoder gets right at each point, with each token's gold region outlined."""
     a, b = ds["alpha"].values, ds["beta"].values
     fig = Figure(figsize=(13, 5.2), layout="constrained")
     ax_d, ax_r = fig.subplots(1, 2)
@@ -260,17 +268,14 @@ def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None,
     ax_d.set_title(f"Prior density, sequence {ds.attrs.get('sequence')} block {ds.attrs.get('block')}\n(white line: whole block decodes to gold)")
     ax_d.legend(fontsize=8, loc="lower left")
 
-    argmax = ds["argmax_token"].isel(block_token=block_token).values.T
-    ids = np.unique(argmax)
-    cmap = ListedColormap(colormaps["tab10"](np.arange(len(ids)) % 10))
-    index = np.searchsorted(ids, argmax)
-    mesh = ax_r.pcolormesh(a, b, index, cmap=cmap, norm=BoundaryNorm(np.arange(len(ids) + 1) - 0.5, len(ids)), shading="nearest")
-    bar = fig.colorbar(mesh, ax=ax_r, ticks=np.arange(len(ids)))
-    bar.ax.set_yticklabels([repr(_label(token_label, t)) for t in ids], fontsize=8)
-    gold = int(ds["gold_token"].values[block_token])
-    if (argmax == gold).any() and not (argmax == gold).all():
-        ax_r.contour(a, b, (argmax == gold).astype(float), levels=[0.5], colors="black", linewidths=1.5)
-    ax_r.set_title(
-        f"Decoder argmax for token {block_token} of the block\n(gold {_label(token_label, gold)!r}; black line: its region)"
-    )
+    cmap = ListedColormap(colormaps["RdYlGn"](np.linspace(0.1, 0.9, n_tok + 1)))
+    mesh = ax_r.pcolormesh(a, b, ok, cmap=cmap, norm=BoundaryNorm(np.arange(n_tok + 2) - 0.5, n_tok + 1), shading="nearest")
+    fig.colorbar(mesh, ax=ax_r, ticks=np.arange(n_tok + 1), label=f"tokens of the block decoded to gold (of {n_tok})")
+    argmax, gold = ds["argmax_token"].values, ds["gold_token"].values
+    for j in range(n_tok):
+        hit = (argmax[..., j] == gold[j]).T
+        if hit.any() and not hit.all():
+            ax_r.contour(a, b, hit.astype(float), levels=[0.5], colors="black", linewidths=0.8)
+    text = "".join(_label(token_label, t) for t in gold)
+    ax_r.set_title(f"Decoder on the same plane: block {text!r}\n(black lines: where each token stops decoding to gold)")
     return fig

@@ -73,7 +73,7 @@ def test_figures_draw_from_the_files_alone(written):
         plots.plot_probe_summary(summarize_probes(probes)),
         plots.plot_information_curve(load("information_curve")),
         plots.plot_embedding(load("embedding")),
-        plots.plot_density_slice(load("density_slice"), block_token=1),
+        plots.plot_density_slice(load("density_slice"), token_label=str),
     ]
     for fig in figures:
         buffer = io.BytesIO()
