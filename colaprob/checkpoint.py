@@ -30,6 +30,7 @@ from colaprob.config import DiTConfig, VAEConfig
 from colaprob.dit import DiT
 from colaprob.errors import ColaprobError
 from colaprob.model import DECODER_SPACES, ColaModel
+from colaprob.results import default_mode
 from colaprob.tokenizer import Framing, Tokenizer
 from colaprob.vae import TextVAE
 
@@ -257,6 +258,7 @@ def save(model: ColaModel, path: str | Path) -> Path:
         raise ColaprobError(f"the model's info cannot be written to {OPTIONS_FILE} ({err}).") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(default_mode(0o777))  # mkdtemp makes 0700; a checkpoint is an ordinary folder
     try:
         for part, module in (("vae", model.vae), ("dit", model.dit)):
             folder = tmp / "cola_dlm" / PARTS[part][0]

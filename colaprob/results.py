@@ -190,7 +190,16 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 def _temp_file_next_to(path: Path) -> tuple[int, str]:
     # Same folder as the target, so os.replace is a rename within one file system.
-    return tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", dir=path.parent)
+    os.fchmod(fd, default_mode(0o666))  # mkstemp makes 0600; a result is an ordinary file
+    return fd, temp
+
+
+def default_mode(base: int) -> int:
+    """The permissions ``open``/``mkdir`` would give: ``base`` less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
 
 
 def _fsync_file(path: str) -> None:

@@ -47,6 +47,9 @@ def test_save_then_load_is_bit_identical(saved):
     model, path = saved
     assert (path / "cola_dlm" / "cola_vae" / "model.safetensors").is_file()
     assert (path / "cola_dlm" / "cola_dit" / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    from colaprob.results import default_mode
+
+    assert path.stat().st_mode & 0o777 == default_mode(0o777)  # an ordinary folder, not mkdtemp's 0700
     loaded = colaprob.load(path)
     assert_same(model, loaded)
     assert loaded.vae_config == model.vae_config and loaded.dit_config == model.dit_config

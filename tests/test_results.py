@@ -80,3 +80,17 @@ def test_concat_pads_ragged_dimensions_by_type():
     assert np.isnan(merged.token_log_prob.values[:2, 3:]).all()
     assert not np.isnan(merged.token_log_prob.values[2]).any()
     assert merged.n_tokens.dtype.kind == "i"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from colaprob.results import default_mode, write_text
+
+    old = os.umask(0o022)
+    try:
+        path = write_text("x", tmp_path / "a.txt")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 == default_mode(0o666)
+    finally:
+        os.umask(old)
