@@ -17,7 +17,8 @@ Hutchinson: the same Rademacher probes for both (cut per block), so the values d
 the solver's steps. Reported: median CPU time of each (interleaved), the speed-up, velocity
 evaluations (per-block: summed over the blocks), the largest difference of a block's
 ``log p(z^(b) | z^(<b))`` between the two, and for the tractable prior the largest error of
-each against the analytic conditional. DiT in float32, tractable prior in float64.
+each against the analytic conditional (for the DiT, with ``--reference-tol``, against one
+solve at that tighter tolerance, the same probes). DiT in float32, tractable prior in float64.
 
     python bench/block_causal.py                 # B = 1, 2, 4, 8, 16
     python bench/block_causal.py --blocks 16 --dit-tol 1e-5 --skip tractable
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--dit-tol", type=float, default=1e-4, help="dopri5 rtol = atol of the DiT (default 1e-4: at 1e-5 the trained DiT needs ~3x the evaluations)")
     p.add_argument("--model", default="auto", help="tiny, random, a checkpoint path, or auto (tiny if built)")
     p.add_argument("--dit-prefix", action="store_true", help="also time the DiT per block through the 2L velocity on the prefix")
+    p.add_argument("--reference-tol", type=float, help="also solve the DiT once at this tighter tolerance and report both methods' error against it")
     p.add_argument("--skip", nargs="*", default=[], choices=["dit", "tractable"], help="leave out a model")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,7 +152,10 @@ def main(argv=None) -> None:
                     variants["per block (2L prefix)"] = lambda: per_block(
                         lambda b: prefix_velocity(model.prior_velocity, u, b, bs), u, bs, trace, probes, args.dit_tol
                     )
-                rows.append({"trace": trace, "B": B, **compare(variants, args.repeats)})
+                reference = None
+                if args.reference_tol:
+                    reference = one_solve(model.prior_velocity, u, bs, trace, probes, args.reference_tol)[0]
+                rows.append({"trace": trace, "B": B, **compare(variants, args.repeats, reference)})
             print_rows(rows)
 
     if "tractable" not in args.skip:

@@ -144,7 +144,7 @@ def main(argv=None) -> None:
     n.add_argument("--lengths", type=int, nargs="*", default=[16, 32, 64], help="framed tokens (the embedded model takes at most 64)")
     n.add_argument("--length-k", type=int, default=4, help="K (default 4)")
     n.add_argument("--length-batch", type=int, default=2, help="sequences (default 2)")
-    n.add_argument("--exact-lengths", type=int, nargs="*", default=[16, 32], help="lengths also run with the exact trace")
+    n.add_argument("--exact-lengths", type=int, nargs="*", default=[16], help="lengths also run with the exact trace (default 16)")
     n.add_argument("--method", default="dopri5", help="ODE solver of the length sweep (default dopri5)")
     n.add_argument("--tol", type=float, default=1e-3, help="its rtol = atol (default 1e-3)")
     n.add_argument("--steps", type=int, default=8, help="its steps if fixed-grid")

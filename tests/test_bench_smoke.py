@@ -33,6 +33,11 @@ def test_block_causal_bench_compares_one_solve_with_per_block_solves():
     assert "per block (KV cache) speed-up" in out and "per block (2L prefix) err" in out
 
 
+def test_tolerance_bench_compares_with_the_tightest_tolerance():
+    out = run_bench("dit_tolerance.py")
+    assert "max block diff vs tightest" in out
+
+
 def test_trace_bench_reports_errors_against_the_analytic_density():
     out = run_bench("trace.py")
     assert "exact max err" in out and "hutch1 rms err" in out
