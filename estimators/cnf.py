@@ -297,8 +297,7 @@ def _jacobian_diagonal(v: Tensor, z: Tensor, colours: Tensor, n_colours: int, ch
         ids = torch.arange(start, min(start + chunk, n_colours), device=z.device)
         one_hot = (colours == ids.view(-1, *extra)).to(z.dtype)
         probes = one_hot.reshape(len(ids), *(1,) * (z.dim() - colours.dim()), *colours.shape).expand(len(ids), *z.shape).contiguous()
-        (vjp,) = torch.autograd.grad(v, z, probes, retain_graph=True, is_grads_batched=True)
-        diagonal += (probes * vjp).sum(0)
+        diagonal += (probes * _vjp(v, z, probes)).sum(0)
     return diagonal
 
 
@@ -307,9 +306,17 @@ def _hutchinson_terms(v: Tensor, z: Tensor, probes: Tensor, chunk: int) -> Tenso
     parts = []
     for start in range(0, probes.shape[0], chunk):
         eps = probes[start : start + chunk]
-        (vjp,) = torch.autograd.grad(v, z, eps, retain_graph=True, is_grads_batched=True)
-        parts.append(eps * vjp)
+        parts.append(eps * _vjp(v, z, eps))
     return torch.cat(parts)
+
+
+def _vjp(v: Tensor, z: Tensor, probes: Tensor) -> Tensor:
+    """``probe^T dv/dz`` for each of ``probes`` [n, *z.shape], in one backward pass. A single
+    probe skips the batching (vmap) machinery, which costs more than the pass itself on a
+    small model."""
+    if probes.shape[0] == 1:
+        return torch.autograd.grad(v, z, probes[0], retain_graph=True)[0][None]
+    return torch.autograd.grad(v, z, probes, retain_graph=True, is_grads_batched=True)[0]
 
 
 def _draw_probes(kind: str, shape: tuple[int, ...], seed: int) -> Tensor:
