@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from colaprob.estimators import _importance, cnf
+from colaprob.estimators import cnf, streams
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, latent_log_jacobian, to_prior_space
 
 
@@ -26,18 +26,12 @@ def chunks(n: int, size: int, desc: str):
         yield slice(start, min(start + size, n))
 
 
-PRIOR_SAMPLE_STREAM, FLOW_NOISE_STREAM = 2, 3
-"""Random streams of the prior sampler's starting noise and of the information curve's noise
-(the estimators use 0 for posterior draws and 1 for Hutchinson probes)."""
-
-
-def standard_normal(model: LatentModel, batch: TokenBatch, n: int, seed: int, stream: int = _importance.POSTERIOR_STREAM) -> Tensor:
-    """[n, B, L, d] float64 standard-normal draws from the estimators' per-sequence streams:
-    sequence ``i``'s numbers depend only on ``(seed, stream, i, sample)``, so they do not change
-    with batch or chunk sizes, and the posterior stream gives the very draws of
-    ``colaprob.estimators.elbo`` -- a decomposition of the same ELBO, sample for sample."""
+def standard_normal(model: LatentModel, batch: TokenBatch, n: int, seed: int, stream: int = streams.POSTERIOR) -> Tensor:
+    """[n, B, L, d] float64 standard-normal draws of ``stream`` (``colaprob.estimators.streams``;
+    sequence ``i`` keyed by its row): the posterior stream gives the very draws of
+    ``colaprob.estimators.elbo``."""
     positions = -(-batch.lengths // model.patch_size)
-    draws = _importance.stream_draws(seed, stream, _importance.sequence_keys(batch), range(n), positions, model.latent_dim)
+    draws = streams.draws(seed, stream, streams.sequence_keys(batch), range(n), positions, model.latent_dim)
     width = batch.ids.shape[-1] // model.patch_size
     return torch.nn.functional.pad(draws, (0, 0, 0, width - draws.shape[-2]))
 

@@ -23,7 +23,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from colaprob.diagnostics._latent import FLOW_NOISE_STREAM, chunks, decode_gold, standard_normal, token_mask
+from colaprob.diagnostics._latent import chunks, decode_gold, standard_normal, token_mask
+from colaprob.estimators import streams
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, to_prior_space
 
 
@@ -54,7 +55,7 @@ def information_curve(
     logsnr = np.linspace(12.0, -12.0, 25) if logsnr is None else np.asarray(logsnr, dtype=float)
     t_grid = 1.0 / (1.0 + np.exp(logsnr / 2.0))
     n_seq = len(batch)
-    eps = standard_normal(model, batch, n_noise, seed, stream=FLOW_NOISE_STREAM)
+    eps = standard_normal(model, batch, n_noise, seed, stream=streams.FLOW_NOISE)
     hits = np.zeros(len(t_grid))
     nll = np.zeros(len(t_grid))
     hits_mean = nll_mean = 0.0

@@ -39,7 +39,6 @@ import torch
 import xarray as xr
 
 from colaprob.diagnostics._latent import (
-    PRIOR_SAMPLE_STREAM,
     block_mask,
     block_of_token,
     chunks,
@@ -53,6 +52,7 @@ from colaprob.diagnostics._latent import (
     token_mask,
     tokens_per_block,
 )
+from colaprob.estimators import streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 PROBES = ("prior_hit", "posterior_hit", "decoder_probe", "generation_prob")
@@ -87,7 +87,7 @@ def probes(
     # Per-sequence random streams: the numbers do not depend on ``batch_size``, and the
     # posterior draws are those of ``colaprob.estimators.elbo`` with this seed.
     eps = standard_normal(model, batch, n_posterior, seed)
-    prior_noise = standard_normal(model, batch, n_prior, seed, stream=PRIOR_SAMPLE_STREAM)
+    prior_noise = standard_normal(model, batch, n_prior, seed, stream=streams.PRIOR_SAMPLE)
     layout = _layout(n_seq, n_tok, n_blk, n_prior)
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
     for rows in chunks(n_seq, batch_size, "probes"):

@@ -2,12 +2,13 @@
 
 ``cnf`` (a module: ``cnf.log_prob``, ``cnf.block_causal_log_prob``, ``cnf.sample``) and the
 estimators ``elbo``, ``iwae``, ``conditional`` (functions, each returning an
-``xarray.Dataset``); ``statistics`` and ``units`` summarise their output.
+``xarray.Dataset``); ``statistics`` and ``units`` summarise their output; ``streams`` holds
+the per-sequence random streams they draw from.
 """
 
-from colaprob.estimators import cnf, statistics, units
+from colaprob.estimators import cnf, statistics, streams, units
 from colaprob.estimators.conditional import conditional
 from colaprob.estimators.elbo import elbo
 from colaprob.estimators.iwae import iwae
 
-__all__ = ["cnf", "conditional", "elbo", "iwae", "statistics", "units"]
+__all__ = ["cnf", "conditional", "elbo", "iwae", "statistics", "streams", "units"]

@@ -9,11 +9,10 @@ with the decoder terms of the counted tokens (``< batch.lengths``), the prior by
 block-causal CNF on ``u = to_prior_space(z)`` plus ``d log|scale|`` per integrated latent
 position (blocks at or beyond a sequence's length never count), all in float64.
 
-Randomness: ``eps_k`` of a sequence (and its Hutchinson probes) come from a generator seeded
-by ``(seed, stream, sequence key, k)`` alone and drawn in the sequence's own shape, so a
-sequence gets the same numbers whatever batch, shard, chunk size or resumed run it is in
-(with an adaptive solver the shared step sizes still differ, within the tolerance; fixed-step
-solvers reproduce exactly). K is processed ``chunk_size`` samples at a time.
+Randomness: ``eps_k`` of a sequence and its Hutchinson probes come from its own streams
+(``colaprob.estimators.streams``), so a sequence gets the same numbers whatever batch, shard,
+chunk size or resumed run it is in (with an adaptive solver the shared step sizes still
+differ, within the tolerance; fixed-step solvers reproduce exactly). K is processed ``chunk_size`` samples at a time.
 """
 
 from __future__ import annotations
@@ -26,38 +25,8 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from colaprob.estimators import cnf, statistics, units
+from colaprob.estimators import cnf, statistics, streams, units
 from colaprob.protocol import TokenBatch, to_prior_space
-
-POSTERIOR_STREAM, PROBE_STREAM = 0, 1
-
-
-def sequence_keys(batch: TokenBatch, sequence_ids=None) -> Tensor:
-    """[B] non-negative integer keys of the random streams (default: the row index)."""
-    keys = torch.arange(len(batch)) if sequence_ids is None else torch.as_tensor(sequence_ids, dtype=torch.long).reshape(-1)
-    if len(keys) != len(batch) or (keys < 0).any():
-        raise ValueError("sequence_ids must be one non-negative integer per sequence")
-    return keys
-
-
-def stream_draws(seed: int, stream: int, keys: Tensor, indices: range, lengths: Tensor, width: int, kind: str = "gaussian", leading: tuple[int, ...] = ()) -> Tensor:
-    """Draws for samples ``indices`` of every sequence: [*leading, len(indices), B, max length,
-    width] float64, sequence ``b`` filled for its first ``lengths[b]`` positions (zero after).
-
-    Position-major, so a sequence's draws at its first positions do not depend on its length
-    (a prefix-only batch gets the prefix's numbers). ``kind``: ``"gaussian"`` or
-    ``"rademacher"``."""
-    if kind not in ("gaussian", "rademacher"):
-        raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {kind!r}")
-    out = torch.zeros(*leading, len(indices), len(keys), int(lengths.max()), width, dtype=torch.float64)
-    for b, (key, n) in enumerate(zip(keys.tolist(), lengths.tolist())):
-        for j, k in enumerate(indices):
-            rng = np.random.default_rng([seed, stream, key, k])
-            shape = (n, *leading, width)
-            x = rng.standard_normal(shape) if kind == "gaussian" else np.where(rng.random(shape) < 0.5, -1.0, 1.0)
-            out[..., j, b, :n, :] = torch.from_numpy(np.moveaxis(x, 0, -2))
-    return out
-
 
 @dataclass
 class Draws:
@@ -154,7 +123,7 @@ def draw(
     nfe, settings = 0, {}
     for k0 in range(start, start + n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, start + n_samples))
-        eps = stream_draws(seed, POSTERIOR_STREAM, keys, indices, lengths, d).to(device, dtype)
+        eps = streams.draws(seed, streams.POSTERIOR, keys, indices, lengths, d).to(device, dtype)
         eps = torch.nn.functional.pad(eps, (0, 0, 0, L - eps.shape[-2]))
         with torch.no_grad():
             z = torch.where(sampled.to(device)[..., None], q.sample(eps), q.mean)  # [k, B, L, d]
@@ -162,7 +131,7 @@ def draw(
             posterior = q.log_prob(z).cpu()  # [k, B, L]
         probes = None
         if hutchinson:
-            probes = stream_draws(seed, PROBE_STREAM, keys, indices, lengths, d, probe, leading=(n_probes,))
+            probes = streams.draws(seed, streams.PROBE, keys, indices, lengths, d, probe, leading=(n_probes,))
             probes = torch.nn.functional.pad(probes, (0, 0, 0, L - probes.shape[-2])).to(device, dtype)
         shape = (len(indices), B)
         r = cnf.block_causal_log_prob(

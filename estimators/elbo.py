@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics
+from colaprob.estimators import _importance, statistics, streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "ELBO (lower bound)"
@@ -35,7 +35,7 @@ def elbo(
     counted), and the proposal's importance diagnostics ``ess``, ``khat``,
     ``khat_threshold``; ``attrs``: estimator, trace, solver, tolerances, K, seed, nfe.
     """
-    keys = _importance.sequence_keys(batch, sequence_ids)
+    keys = streams.sequence_keys(batch, sequence_ids)
     draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, trace=trace, **cnf_options)
     mean = lambda log_weight: log_weight.mean("sample")
     return _importance.summarise(model, batch, keys, draws, mean, statistics.mean_se, ESTIMATOR, seed, chunk_size)

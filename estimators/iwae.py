@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics
+from colaprob.estimators import _importance, statistics, streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 
@@ -33,7 +33,7 @@ def iwae(
     ``log_likelihood_se`` = ``sd(w) / (sqrt(K) mean(w))``, ``reliable`` (k-hat below the
     threshold) and ``n_samples`` per sequence (NaN log-weights beyond it).
     """
-    keys = _importance.sequence_keys(batch, sequence_ids)
+    keys = streams.sequence_keys(batch, sequence_ids)
     options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
     draws = _importance.draw(model, batch, n_samples, keys=keys, **options)
     while max_samples is not None:
