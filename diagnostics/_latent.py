@@ -18,11 +18,11 @@ from colaprob.estimators import cnf, streams
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, latent_log_jacobian, to_prior_space
 
 
-def chunks(n: int, size: int, desc: str):
+def chunks(n: int, size: int, desc: str, progress: bool = True):
     """Consecutive slices of ``range(n)`` of at most ``size`` items, with a tqdm progress bar
-    (shown only when there is more than one chunk)."""
+    (shown only with ``progress`` and more than one chunk)."""
     starts = range(0, n, size)
-    for start in tqdm(starts, desc=desc, unit="chunk", disable=len(starts) < 2):
+    for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) < 2):
         yield slice(start, min(start + size, n))
 
 

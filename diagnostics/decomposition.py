@@ -71,6 +71,7 @@ def decompose(
     seed: int = 0,
     cnf_options: dict | None = None,
     active_threshold: float = ACTIVE_THRESHOLD,
+    progress: bool = True,
 ) -> xr.Dataset:
     """The ELBO decomposition of ``batch`` (see the module docstring), in nats.
 
@@ -79,7 +80,7 @@ def decompose(
     ``batch_size``: sequences per model call (each sequence's draws come from its own random
     stream -- the same as ``colaprob.estimators.elbo`` with this ``seed`` -- so the result does
     not depend on it beyond the solver's shared step sizes); ``trace``, ``cnf_options``: passed to
-    ``cnf.block_causal_log_prob``.
+    ``cnf.block_causal_log_prob``; ``progress``: a progress bar over the batches.
 
     Returns an ``xarray.Dataset`` with, over ``sequence``: ``distortion``, ``rate``,
     ``elbo``, ``n_tokens``, ``n_blocks``, ``window_rate``, ``mi_term``, ``marginal_kl_term``;
@@ -100,7 +101,7 @@ def decompose(
     eps = standard_normal(model, batch, n_samples, seed)
 
     distortion, rate, lq_w, lp_w, means, z_w, mean_w, logvar_w = ([] for _ in range(8))
-    for rows in chunks(n_seq, batch_size, "decompose"):
+    for rows in chunks(n_seq, batch_size, "decompose", progress):
         sub = batch.select(rows)
         with torch.no_grad():
             q = model.posterior(sub)

@@ -38,12 +38,14 @@ def information_curve(
     scale: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    progress: bool = True,
 ) -> xr.Dataset:
     """Token accuracy and cross-entropy of the one-step denoised estimate along the path.
 
     ``logsnr``: the grid (default 25 points from +12 to -12, i.e. ``t`` from about 0.0025 to
     0.9975); ``n_noise``: noise draws per sequence, shared by all ``t`` (common random numbers
-    make the curve smooth); ``loc``, ``scale``: the logit-normal training density of ``t``.
+    make the curve smooth); ``loc``, ``scale``: the logit-normal training density of ``t``;
+    ``progress``: progress bars.
 
     Returns an ``xarray.Dataset`` over ``t`` (coordinate ``logsnr`` beside it): ``accuracy``
     (argmax of ``p_theta(. | z_hat0)`` equals the gold token, over valid tokens),
@@ -61,7 +63,7 @@ def information_curve(
     hits_mean = nll_mean = 0.0
     n_valid = int(token_mask(batch).sum())
     with torch.no_grad():
-        for rows in chunks(n_seq, batch_size, "information curve (sequences)"):
+        for rows in chunks(n_seq, batch_size, "information curve (sequences)", progress):
             sub = batch.select(rows)
             mean = model.posterior(sub).mean
             valid = token_mask(sub)
@@ -70,7 +72,7 @@ def information_curve(
             clean = u0.expand(noise.shape)
             h, c = _decode_scores(model, mean, sub, valid)
             hits_mean, nll_mean = hits_mean + h, nll_mean + c
-            for i, t in enumerate(tqdm(t_grid, desc="information curve (t)", leave=False)):
+            for i, t in enumerate(tqdm(t_grid, desc="information curve (t)", leave=False, disable=not progress)):
                 u_t = (1 - t) * u0 + t * noise
                 tt = torch.full(u_t.shape[:-1], float(t), dtype=u_t.dtype)
                 u_hat = u_t - t * model.prior_velocity(u_t, tt, clean)

@@ -31,6 +31,7 @@ def report(
     seed: int = 0,
     options: dict[str, dict] | None = None,
     dpi: int = 110,
+    progress: bool = True,
 ) -> dict[str, xr.Dataset]:
     """Run every diagnostic on ``batch`` and write ``out_dir``:
 
@@ -43,7 +44,8 @@ def report(
     ``sequence``, ``block``: the text drawn in the per-token figure and the block of the
     density slice. ``options``: keyword arguments per diagnostic (keys from ``DIAGNOSTICS``),
     for example ``{"probes": {"n_prior": 32}, "embedding": {"methods": ("pca",)}}``.
-    ``token_label``: token id -> text for the figures. Returns the datasets by name.
+    ``token_label``: token id -> text for the figures; ``progress``: the diagnostics' progress
+    bars. Returns the datasets by name.
 
     Cost: every prior density is a CNF solve. With the estimators' defaults (exact trace,
     dopri5 at 1e-5) a solve on the embedded model takes about 800 velocity evaluations of
@@ -61,11 +63,11 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
 
     results = {
-        "decomposition": decompose(model, batch, seed=seed, **options["decomposition"]),
-        "probes": probes(model, batch, seed=seed, **options["probes"]),
+        "decomposition": decompose(model, batch, seed=seed, progress=progress, **options["decomposition"]),
+        "probes": probes(model, batch, seed=seed, progress=progress, **options["probes"]),
     }
     results["probe_summary"] = summarize(results["probes"])
-    results["information_curve"] = information_curve(model, batch, seed=seed, **options["information_curve"])
+    results["information_curve"] = information_curve(model, batch, seed=seed, progress=progress, **options["information_curve"])
     results["embedding"] = geometry.embedding(model, batch, seed=seed, **options["embedding"])
     slice_options = {"sequence": sequence, "block": block} | options["density_slice"]
     results["density_slice"] = geometry.density_slice(model, batch, seed=seed, **slice_options)

@@ -70,8 +70,10 @@ def probes(
     seed: int = 0,
     cnf_options: dict | None = None,
     sample_options: dict | None = None,
+    progress: bool = True,
 ) -> xr.Dataset:
-    """Per-token and per-block probes of every sequence in ``batch`` (module docstring).
+    """Per-token and per-block probes of every sequence in ``batch`` (module docstring);
+    ``progress``: a progress bar over the batches.
 
     Returns an ``xarray.Dataset`` with, over ``(sequence, token)``: ``token_id``, ``valid``,
     ``decoder_probe``, ``posterior_hit``, ``prior_hit``, ``generation_prob``,
@@ -90,7 +92,7 @@ def probes(
     prior_noise = standard_normal(model, batch, n_prior, seed, stream=streams.PRIOR_SAMPLE)
     layout = _layout(n_seq, n_tok, n_blk, n_prior)
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
-    for rows in chunks(n_seq, batch_size, "probes"):
+    for rows in chunks(n_seq, batch_size, "probes", progress):
         noise = (eps[:, rows], prior_noise[:, rows])
         for name, value in _probe_chunk(model, batch.select(rows), noise, trace, seed, cnf_options, sample_options).items():
             out[name][..., rows, : value.shape[-1]] = value

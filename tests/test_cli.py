@@ -83,10 +83,12 @@ def test_prompt_response_pairs_use_the_conditional_estimator(tmp_path, fixture):
 
 def test_decompose_probe_and_viz(tmp_path, fixture, texts):
     common = [texts, "--per-line", "--model", fixture, *CHEAP_CNF]
-    dec = run_cli("decompose", *common, "-K", "2", "-o", tmp_path / "dec.nc")
+    # One sequence per batch: several batches, so only --quiet keeps the progress bars away.
+    dec = run_cli("decompose", *common, "-K", "2", "--batch-size", "1", "-o", tmp_path / "dec.nc")
     assert dec.code == 0 and "I_q(X;Z)" in dec.out, dec.err
-    probes = run_cli("probe", *common, "--posterior-samples", "2", "--prior-samples", "2", "-o", tmp_path / "probes.nc", "--json")
+    probes = run_cli("probe", *common, "--posterior-samples", "2", "--prior-samples", "2", "--batch-size", "1", "-o", tmp_path / "probes.nc", "--json")
     assert probes.code == 0 and 0 <= json.loads(probes.out)["prior_hit"] <= 1, probes.err
+    assert "%|" not in dec.err + probes.err
     ds = results.read_dataset(tmp_path / "probes.nc")
     assert ds["decoder_probe"].dims == ("sequence", "token") and "count" in ds and ds.attrs["diagnostic"] == "probes"
 

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             trace=args.trace,
             seed=args.seed,
             cnf_options=cnf_options,
+            progress=not args.quiet,
         )
 
     # The aggregate posterior q_bar mixes the posteriors of at least two documents.

@@ -140,7 +140,7 @@ def diagnose(model, args, out: Path, texts: list[str], cnf_options: dict) -> dic
         "density_slice": {"trace": args.trace, "cnf_options": cnf_options},
     }
     tokenizer = model.tokenizer
-    return report(model, batch, folder, model_name=args.model, token_label=lambda t: tokenizer.decode([t]), seed=args.seed, options=options)
+    return report(model, batch, folder, model_name=args.model, token_label=lambda t: tokenizer.decode([t]), seed=args.seed, options=options, progress=not args.quiet)
 
 
 def headline_rows(scores: dict) -> list[dict]:

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             trace=args.trace,
             seed=args.seed,
             cnf_options=cnf_options,
+            progress=not args.quiet,
         )
 
     ds = _shared.run_whole_corpus(args, "probes", compute, settings, finish=with_summary)
