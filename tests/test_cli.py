@@ -55,6 +55,14 @@ def test_score_json_summary_is_machine_readable(tmp_path, fixture, texts):
     assert summary["nats_per_token"] > 0 and 0 <= summary["reliable_fraction"] <= 1
 
 
+def test_threads_option_sets_torch_threads_and_is_recorded(tmp_path, fixture, texts):
+    outcome = run_cli("score", texts, "--per-line", "--model", fixture, "-o", tmp_path / "s.nc", "--threads", "2", *FAST)
+    assert outcome.code == 0, outcome.err
+    assert results.read_dataset(tmp_path / "s.nc").attrs["torch_threads"] == 2
+    refused = run_cli("score", texts, "--model", fixture, "--threads", "0")
+    assert refused.code == 2 and "--threads" in refused.err and "Traceback" not in refused.err
+
+
 def test_split_scores_windows_that_fit(tmp_path, fixture):
     limited = checkpoint_with_limit(fixture, tmp_path / "limited", max_tokens=16)
     long = tmp_path / "long.txt"

@@ -63,6 +63,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "the embedded model (default)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: a GPU if torch sees one)")
+    add_threads_option(parser)
+
+
+def add_threads_option(parser) -> None:
+    """``--threads``, applied by ``colaprob.cli.main`` before the command runs."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest for a small model)",
+    )
 
 
 def add_input_options(parser: argparse.ArgumentParser) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
-
+from colaprob.commands import _shared
 from colaprob.data import MODES, read_documents
 from colaprob.errors import ColaprobError
 from colaprob.generate import Sampling, generate
@@ -26,15 +25,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
     parser.add_argument("--top-p", type=float, help="sample only among the most likely tokens whose probability reaches p")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the sampling (default 0)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    _shared.add_threads_option(parser)
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of text")
 
 
 def run(args) -> int:
     import colaprob
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [doc.prompt if doc.prompt is not None else doc.text for doc in read_documents(args.prompts, args.mode)]

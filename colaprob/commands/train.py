@@ -17,6 +17,7 @@ import typing
 
 import torch
 
+from colaprob.commands import _shared
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.data import MODES, Document, chunk_paragraph, embedded_corpus, read_documents
 from colaprob.errors import ColaprobError
@@ -54,7 +55,7 @@ def add_arguments(parser) -> None:
     data.add_argument("--train", help="training documents (text or JSONL; default: the embedded train split)")
     data.add_argument("--heldout", help="held-out documents (default: the embedded held-out split)")
     data.add_argument("--mode", choices=MODES, default="auto", help="how --train and --heldout are read (see colaprob.data)")
-    data.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    _shared.add_threads_option(data)
 
     net = parser.add_argument_group("model")
     for option, _, default, help in VAE_OPTIONS + DIT_OPTIONS:
@@ -125,8 +126,6 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     model = build_model(args)
     # A byte per token, room for the eos, and the framed length stays a whole number of blocks.
