@@ -61,12 +61,15 @@ def start(args: argparse.Namespace, title: str) -> None:
 
 
 def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
+    return shlex.join(["python", relative(sys.argv[0]), *sys.argv[1:]])
+
+
+def relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (a reader's checkout differs)."""
     try:
-        script = script.relative_to(REPO)
+        return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
-        pass
-    return shlex.join(["python", str(script), *sys.argv[1:]])
+        return path
 
 
 def git_commit() -> str:

@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     common.start(args, "colaprob demo, end to end")
     base = colaprob_command() + ["demo", "--quiet"] + (["--model", args.model] if args.model else []) + extra
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    print(f"- demo command: `{' '.join(base)} -o <fresh folder>` with OMP_NUM_THREADS={args.threads}")
+    shown = [common.relative(part) for part in base]
+    print(f"- demo command: `{' '.join(shown)} -o <fresh folder>` with OMP_NUM_THREADS={args.threads}")
     print()
     seconds, cpu, output = [], [], ""
     for _ in range(args.repeats):

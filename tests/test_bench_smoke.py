@@ -1,9 +1,9 @@
 """Every benchmark script runs once at a tiny size (``--quick``) and prints its tables.
 
 Smoke runs only: no timing is asserted anywhere. The flow-matching comparison needs the
-optional ``flow-matching`` package (the ``bench`` extra) and is skipped without it; the demo
-benchmark runs the whole ``colaprob demo`` (minutes), so it is marked slow (``tests/test_cli``
-runs the demo itself in the default suite).
+optional ``flow-matching`` package (the ``bench`` extra) and is skipped without it. The demo
+benchmark's smoke run is the demo on the official-format fixture with cheap settings (about
+20 s).
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ def test_iwae_bench_measures_memory_in_fresh_processes():
     assert "cache on peak RSS MiB" in out and "on/off speed-up" in out
 
 
-@pytest.mark.slow
 def test_demo_bench_times_the_demo_end_to_end():
     out = run_bench("demo.py")
     assert "median wall s" in out and "IWAE" in out
