@@ -14,15 +14,6 @@ from colaprob.model import T_SCALE, ColaModel
 from colaprob.tokenizer import END_OF_TEXT, PAD, Framing, byte_level_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run far faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_model(decoder_space: str = "vae", seed: int = 0) -> ColaModel:
     """A small untrained byte-level model with a non-trivial latent scale and shift (PyTorch's
     default initialisation, so the DiT's velocity is not zero)."""

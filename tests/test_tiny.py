@@ -15,10 +15,7 @@ from colaprob.train import LOG, heldout_figures
 
 @pytest.fixture(scope="module")
 def tiny():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small model runs far faster on one thread on a busy machine
-    yield colaprob.load("tiny")
-    torch.set_num_threads(threads)
+    return colaprob.load("tiny")
 
 
 def test_loads_with_no_network(monkeypatch):

@@ -25,15 +25,6 @@ SCHEDULE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run far faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def corpus(tmp_path):
     train, heldout = tmp_path / "train.txt", tmp_path / "heldout.txt"
