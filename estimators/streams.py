@@ -40,6 +40,8 @@ def draws(seed: int, stream: int, keys: Tensor, indices: range, lengths: Tensor,
     ``"rademacher"``."""
     if kind not in ("gaussian", "rademacher"):
         raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {kind!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, not {seed}")
     out = torch.zeros(*leading, len(indices), len(keys), int(lengths.max()), width, dtype=torch.float64)
     for b, (key, n) in enumerate(zip(keys.tolist(), lengths.tolist())):
         for j, k in enumerate(indices):

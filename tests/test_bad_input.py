@@ -71,8 +71,9 @@ def test_corrupt_checkpoint(tmp_path, fixture):
         (["--atol", "nan"], "must be a positive finite number"),
         (["--batch-size", "-2"], "must be at least 1"),
         (["--method", "dopri5"], "--steps is for fixed-grid methods"),
+        (["--seed=-1"], "must be 0 or more"),
     ],
-    ids=["K<1", "negative-rtol", "nan-atol", "negative-batch", "steps-without-grid"],
+    ids=["K<1", "negative-rtol", "nan-atol", "negative-batch", "steps-without-grid", "negative-seed"],
 )
 def test_impossible_settings(tmp_path, fixture, options, fragment):
     assert_one_line_error(score(tmp_path, fixture, *options), fragment)

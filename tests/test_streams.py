@@ -39,3 +39,5 @@ def test_rademacher_probes_are_signs_and_leading_probes_are_distinct():
     assert not torch.equal(probes[0], probes[1])
     with pytest.raises(ValueError, match="rademacher"):
         draw([0], [4], kind="uniform")
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        draw([0], [4], seed=-1)

@@ -131,7 +131,7 @@ def cnf_options(args: argparse.Namespace) -> dict:
 def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path(default_output), help=f"result file (default: {default_output})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing result or unfinished run made with other settings")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed, a non-negative integer (default: 0)")
     parser.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # always uses the exact trace (see the README on choosing estimator settings).
     _shared.add_cnf_options(parser, default_trace="hutchinson", default_tolerance=1e-3)
     parser.add_argument("--overwrite", action="store_true", help="start over in a folder made with other settings")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=_shared.non_negative_int, default=0, help="random seed, a non-negative integer (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the headline numbers as JSON instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
