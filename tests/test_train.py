@@ -84,6 +84,13 @@ def test_resume_refuses_other_settings_and_finished_folders(tmp_path, corpus, mo
     assert "already holds a trained model" in capsys.readouterr().err
 
 
+def test_a_context_too_short_for_any_document_is_a_one_line_error(tmp_path, corpus, capsys):
+    assert run_train(tmp_path / "m", *corpus, "--max-tokens", "4") == 2
+    err = capsys.readouterr().err
+    assert "--max-tokens 4 leaves no room" in err and err.count("\n") == 1
+    assert not list(tmp_path.glob("m*"))  # neither the model folder nor its work folder
+
+
 @pytest.mark.parametrize("mode", ["fixed", "learned"])
 def test_logsnr_modes_give_position_independent_posterior_noise(tmp_path, corpus, mode):
     assert run_train(tmp_path / mode, *corpus, "--logsnr-mode", mode, "--logsnr", "3.0") == 0

@@ -131,6 +131,11 @@ def run(args) -> int:
     # A byte per token, room for the eos, and the framed length stays a whole number of blocks.
     multiple = model.patch_size * model.block_size
     max_bytes = args.max_tokens // multiple * multiple - 1
+    if max_bytes < 4:
+        raise ColaprobError(
+            f"--max-tokens {args.max_tokens} leaves no room for a document: a framed sequence is a whole number of "
+            f"{multiple}-token blocks with an end-of-text token, so give at least {multiple * -(-5 // multiple)}."
+        )
     train_docs, train_source = documents(args.train, "train", args.mode, max_bytes)
     heldout_docs, heldout_source = documents(args.heldout, "heldout", args.mode, max_bytes)
     if not heldout_docs:
