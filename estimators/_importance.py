@@ -107,10 +107,11 @@ def draw(
     sampled = (position >= pinned[:, None]) & (position < lengths[:, None])  # [B, L]
     counted_tokens = (token >= pinned[:, None] * P) & (token < batch.lengths[:, None])  # [B, N]
     log_scale = math.log(abs(model.latent_scale))
-    jacobian = cnf._per_block(sampled.double(), bs) * d * log_scale  # [B, n_blocks]
+    sampled_per_block = cnf._per_block(sampled.double(), bs)  # [B, n_blocks]
+    jacobian = sampled_per_block * d * log_scale
     if prefix_tokens is not None:
         prefix_tokens = torch.as_tensor(prefix_tokens).long().expand(B)
-        covering_blocks = -(-(-(-prefix_tokens // P)) // bs)
+        covering_blocks = -(-(-(-prefix_tokens // P)) // bs)  # ceil(ceil(tokens / P) / bs)
         prefix_blocks = torch.arange(n_blocks) < covering_blocks[:, None]
         prefix_positions = sampled & (position < covering_blocks[:, None] * bs)
         prefix_token_mask = counted_tokens & (token < prefix_tokens[:, None])
@@ -168,7 +169,7 @@ def draw(
     return Draws(
         per_sample={name: torch.cat(parts, 1) for name, parts in per_sample.items()},
         sums=sums,
-        integrated=cnf._per_block(sampled.double(), bs) > 0,
+        integrated=sampled_per_block > 0,
         counted_tokens=counted_tokens,
         n_samples=torch.full((B,), n_samples, dtype=torch.long),
         nfe=nfe,
