@@ -26,7 +26,7 @@ from pathlib import Path
 
 import common
 
-FIXTURE = common.REPO.parent / "shared" / "fixtures" / "official-tiny-a"
+FIXTURE = common.REPO / "tests" / "fixtures" / "official-tiny-a"
 QUICK = ["--sequences", "2", "-K", "2", "--prior-samples", "2", "--trace", "hutchinson", "--method", "euler", "--steps", "2"]
 
 

@@ -20,15 +20,14 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "official-tiny-a"
 
 
 @pytest.fixture(scope="session")
 def fixture_dirs() -> list[Path]:
-    """Official-format fixture folders: $COLAPROB_FIXTURES (os.pathsep-separated) or the
-    shared default."""
+    """Official-format fixture folders: $COLAPROB_FIXTURES (os.pathsep-separated) or the copy
+    of ``official-tiny-a`` kept with the tests, so a bare clone tests itself."""
     env = os.environ.get("COLAPROB_FIXTURES")
     if env:
         return [Path(p) for p in env.split(os.pathsep) if p]
-    return [SHARED / "fixtures" / "official-tiny-a"]
+    return [FIXTURE]
