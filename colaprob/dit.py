@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from colaprob.config import DiTConfig
-from colaprob.vae import KVCache, attention, block_causal, key_rows, new_rows
+from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
 
 TIMESTEP_FEATURES = 256
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from colaprob.attention import KVCache
 from colaprob.errors import ColaprobError
 from colaprob.model import T_SCALE, ColaModel
 from colaprob.protocol import from_prior_space, to_prior_space
-from colaprob.vae import KVCache
 
 
 @dataclass

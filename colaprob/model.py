@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from colaprob.attention import KVCache
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.dit import DiT
 from colaprob.errors import ColaprobError
 from colaprob.protocol import DiagonalGaussian, TokenBatch
 from colaprob.tokenizer import Counts, Framing, Tokenizer, frame, frame_pairs
-from colaprob.vae import LOGVAR_MIN, KVCache, TextVAE
+from colaprob.vae import LOGVAR_MIN, TextVAE
 
 DECODER_SPACES = ("vae", "dit")
 T_SCALE = 1000.0  # the DiT takes timesteps 1000 t
