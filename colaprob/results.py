@@ -17,6 +17,8 @@ Ctrl-C on the way removes the temporary file.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import platform
@@ -116,6 +118,38 @@ def provenance(settings: Mapping) -> dict:
 # Files
 
 
+def reports_write_failures(write):
+    """Decorate ``write(content, path)`` so a failed write (disk full, read-only file
+    system, no permission, ...) is one ``ColaprobError``; the writers remove their temporary
+    file on the way out, so an existing ``path`` is untouched and nothing half-written stays."""
+
+    @functools.wraps(write)
+    def checked(content, path, *args, **kwargs):
+        try:
+            return write(content, path, *args, **kwargs)
+        except OSError as err:
+            raise ColaprobError(write_failure(path, err)) from None
+
+    return checked
+
+
+def write_failure(path, err: OSError) -> str:
+    """The sentence for an ``OSError`` met while writing ``path``."""
+    reasons = {
+        errno.ENOSPC: "no space is left on the device",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission is denied",
+        errno.EPERM: "the operation is not permitted",
+    }
+    reason = reasons.get(err.errno) or _first_line(err)
+    return (
+        f"cannot write {path}: {reason}; free space or fix the permissions (or choose another output), "
+        "then rerun: files already finished are kept."
+    )
+
+
+@reports_write_failures
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
     path = Path(path)
@@ -138,6 +172,7 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return write_bytes(text.encode("utf-8"), path)
 
 
+@reports_write_failures
 def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write ``data`` (a figure, a text) to ``path`` atomically."""
     path = Path(path)
@@ -179,6 +214,8 @@ def check_writable(path: str | os.PathLike) -> Path:
         os.unlink(temp)
     except OSError as err:
         raise ColaprobError(f"cannot write results to {path}: {err.strerror or err}.") from None
+    if path.exists() and not path.is_file():
+        raise ColaprobError(f"cannot write results to {path}: it is not a regular file; give a file name.")
     return path
 
 

@@ -34,6 +34,7 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
+        self.source = "the tokenizer"
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -41,9 +42,14 @@ class Tokenizer:
         if not path.is_file():
             raise ColaprobError(f"{path} does not exist; a checkpoint needs its tokenizer.json.")
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)))
+            tokenizer = cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as err:  # the Rust library raises a bare Exception
-            raise ColaprobError(f"{path} is not a valid tokenizers JSON file ({err}).") from None
+            raise ColaprobError(f"{path} is not a valid tokenizers JSON file ({_first_line(err)}).") from None
+        except BaseException as err:
+            _reraise_interrupts(err)
+            raise ColaprobError(f"{path} crashed the tokenizers library while loading ({_first_line(err)}); the file is not usable.") from None
+        tokenizer.source = str(path)
+        return tokenizer
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))
@@ -59,13 +65,49 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without any special token a template might add (framing adds
         its own)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        """Token ids of each text. Whatever goes wrong inside the tokenizers library (an
+        error, a Rust panic such as a regex that backtracks without end, a text that is not
+        valid Unicode) is one ``ColaprobError``."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, but item {i} is {type(text).__name__}.")
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except BaseException as err:
+            _reraise_interrupts(err)
+            bad = next((i for i, t in enumerate(texts) if not _valid_unicode(t)), None)
+            if bad is not None:
+                raise ColaprobError(f"text {bad} holds a lone surrogate, which is not a character; fix the text.") from None
+            raise ColaprobError(f"{self.source} failed to tokenize the text ({_first_line(err)}); the tokenizer cannot be used on it.") from None
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        try:
+            return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        except BaseException as err:
+            _reraise_interrupts(err)
+            raise ColaprobError(f"{self.source} failed to decode token ids ({_first_line(err)}).") from None
+
+
+def _reraise_interrupts(err: BaseException) -> None:
+    # Rust panics arrive as pyo3's PanicException, a BaseException; Ctrl-C must stay Ctrl-C.
+    if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise err
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 def _byte_chars() -> list[str]:
@@ -138,8 +180,11 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
     With ``prompts``, sequence ``i`` is prompt ``i`` and text ``i`` each tokenized on its own
     (as generation conditions on a prompt), then framed as one text; the counts cover both.
     """
-    if isinstance(texts, str):
-        raise ColaprobError("frame() takes a list of texts, not a single string.")
+    _check_texts(texts, "texts")
+    if prompts is not None:
+        _check_texts(prompts, "prompts", allow_empty=True)
+        if len(prompts) != len(texts):
+            raise ValueError(f"prompts and texts must be as many, got {len(prompts)} and {len(texts)}.")
     token_lists = tokenizer.encode_batch(texts)
     if prompts is not None:
         token_lists = [p + t for p, t in zip(tokenizer.encode_batch(prompts), token_lists)]
@@ -170,6 +215,20 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
     )
 
 
+def _check_texts(texts, name: str, allow_empty: bool = False) -> None:
+    """A non-empty list of strings (each non-empty unless ``allow_empty``): an empty text has
+    no log-likelihood to report, so it is refused rather than scored as a silent number."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name} must be a list of strings, not {type(texts).__name__}.")
+    if not texts:
+        raise ValueError(f"{name} is an empty list; give at least one text.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] is {type(text).__name__}, not a string.")
+        if not text and not allow_empty:
+            raise ValueError(f"{name}[{i}] is empty; an empty text has nothing to score.")
+
+
 class Counts(NamedTuple):
     """The unit denominators of part of a text: [B] tokens (with the eos), bytes, words."""
 
@@ -184,6 +243,7 @@ def frame_pairs(
     """Prompt-response pairs framed for prefix-response scoring: the joint sequences (see
     ``frame``), the framed length of each prefix (bos and prompt tokens) [B], and the
     response's own counts (its tokens plus the eos, bytes, words) for the conditional's units."""
+    _check_texts(prompts, "prompts", allow_empty=True)
     batch = frame(tokenizer, framing, responses, multiple, prompts=prompts)
     prompt_tokens = torch.tensor([len(ids) for ids in tokenizer.encode_batch(prompts)], dtype=torch.long)
     response = Counts(
