@@ -13,6 +13,9 @@ text's tokens plus one (the eos).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +38,7 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
         self.source = "the tokenizer"
+        self._longest_entry: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -46,7 +50,7 @@ class Tokenizer:
         except Exception as err:  # the Rust library raises a bare Exception
             raise ColaprobError(f"{path} is not a valid tokenizers JSON file ({_first_line(err)}).") from None
         except BaseException as err:
-            _reraise_interrupts(err)
+            _reraise_unless_library_failure(err)
             raise ColaprobError(f"{path} crashed the tokenizers library while loading ({_first_line(err)}); the file is not usable.") from None
         tokenizer.source = str(path)
         return tokenizer
@@ -58,6 +62,15 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, special tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of ``text``, without tokenizing it: no token stands for
+        more characters than the longest entry of the vocabulary (for a byte-level BPE an
+        entry's characters are bytes, at least as many as the text's characters). Lets a
+        text far over a limit be refused at once instead of after minutes of BPE merges."""
+        if self._longest_entry is None:
+            self._longest_entry = max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
+        return -(-len(text) // self._longest_entry)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -76,9 +89,10 @@ class Tokenizer:
             if not isinstance(text, str):
                 raise TypeError(f"texts must be strings, but item {i} is {type(text).__name__}.")
         try:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+            with _native_stderr_silenced():
+                return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         except BaseException as err:
-            _reraise_interrupts(err)
+            _reraise_unless_library_failure(err)
             bad = next((i for i, t in enumerate(texts) if not _valid_unicode(t)), None)
             if bad is not None:
                 raise ColaprobError(f"text {bad} holds a lone surrogate, which is not a character; fix the text.") from None
@@ -88,13 +102,35 @@ class Tokenizer:
         try:
             return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
         except BaseException as err:
-            _reraise_interrupts(err)
+            _reraise_unless_library_failure(err)
             raise ColaprobError(f"{self.source} failed to decode token ids ({_first_line(err)}).") from None
 
 
-def _reraise_interrupts(err: BaseException) -> None:
-    # Rust panics arrive as pyo3's PanicException, a BaseException; Ctrl-C must stay Ctrl-C.
-    if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 sent to /dev/null while the Rust library runs: a panic there prints
+    its message and a backtrace straight to the descriptor, which the caller turns into one
+    sentence instead."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _reraise_unless_library_failure(err: BaseException) -> None:
+    # The library's errors are plain Exceptions and its Rust panics pyo3's PanicException (a
+    # BaseException); anything else (Ctrl-C, an alarm) is not the tokenizer's failure.
+    if type(err).__name__ != "PanicException" and not (type(err) is Exception or isinstance(err, (TypeError, ValueError))):
         raise err
 
 

@@ -261,13 +261,17 @@ def fingerprint(documents: Sequence) -> str:
 
 def framed_length_fn(model) -> Callable[..., int]:
     """``(text, prompt=None) -> framed length in tokens`` for ``model``: bos, the prompt's
-    tokens, the text's tokens, eos, padding to whole blocks (as ``model.frame`` counts)."""
+    tokens, the text's tokens, eos, padding to whole blocks (as ``model.frame`` counts). For a
+    text that cannot fit the context, a lower bound (still over the context) instead."""
     framing = model.framing
     multiple = model.patch_size * model.block_size
     extra = (framing.bos_id is not None) + (framing.eos_id is not None)
 
     def framed_length(text: str, prompt: str | None = None) -> int:
-        n = len(model.tokenizer.encode(text)) + len(model.tokenizer.encode(prompt or "")) + extra
+        # A text surely over the context is not tokenized: its lower bound is over already.
+        n = model.tokenizer.fewest_tokens(text) + model.tokenizer.fewest_tokens(prompt or "") + extra
+        if framing.max_tokens is None or n <= framing.max_tokens:
+            n = len(model.tokenizer.encode(text)) + len(model.tokenizer.encode(prompt or "")) + extra
         return n + (-n % multiple)
 
     return framed_length
@@ -282,7 +286,7 @@ def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_to
         n = framed_length(doc.text, doc.prompt)
         if n > max_tokens:
             advice = "shorten the pair" if doc.prompt is not None else "shorten it or pass --split to score it in windows"
-            raise ColaprobError(f"document {i} is {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
+            raise ColaprobError(f"document {i} is at least {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
 
 
 def preflight(args, model, rows: Sequence["Row"], device, what: str) -> None:
