@@ -10,7 +10,10 @@ with ``WORLD_SIZE=1``) everything runs in this one process and no process group 
 
 The launch environment is checked before anything else: torchrun's variables (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) come all together or not at
-all, as integers in range; ``accelerate launch`` sets the same ones. Under SLURM's ``srun``
+all, as integers in range, and a world of several processes needs ``MASTER_ADDR`` and
+``MASTER_PORT`` as well (alone, those two are ignored: a single-process ``accelerate
+launch`` sets them). ``accelerate launch --multi_gpu --num_processes N`` starts its processes
+through torchrun's machinery and sets the same variables, on CPUs as on GPUs. Under SLURM's ``srun``
 without torchrun, ``SLURM_PROCID`` of ``SLURM_NTASKS`` are the rank and world size,
 ``SLURM_LOCALID`` the local rank, and the job's first host (``SLURM_JOB_NODELIST``) the
 rendezvous address, at port ``SLURM_PORT_BASE + SLURM_JOB_ID % 1000``: start one task per
@@ -31,7 +34,6 @@ from colaprob.errors import ColaprobError
 
 # A rank may wait at a barrier while the others finish their share of a long corpus.
 BARRIER_TIMEOUT = timedelta(hours=12)
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_PORT_BASE = 29500
 
 
@@ -135,19 +137,28 @@ def launch_environment(env) -> dict:
     """``{RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT}`` of a torchrun-style launch
     (or of SLURM's, mapped to those), ``{}`` for a single process; a partial or malformed
     environment is one ``ColaprobError`` naming the variable."""
-    present = [name for name in TORCHRUN_VARIABLES if name in env]
+    ranks = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    present = [name for name in ranks if name in env]
     if not present:
         return _slurm_environment(env)
-    missing = [name for name in TORCHRUN_VARIABLES if name not in env]
+    missing = [name for name in ranks if name not in env]
     if missing:
         raise ColaprobError(
             f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} set but {', '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not: start distributed runs with torchrun (which sets them all), "
             f"or unset {', '.join(present)} to run one process."
         )
-    launch = {name: _integer(env, name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    launch["MASTER_ADDR"] = env["MASTER_ADDR"]
+    launch = {name: _integer(env, name) for name in ranks}
     _check_ranks(launch, "WORLD_SIZE", "RANK")
+    if launch["WORLD_SIZE"] == 1:
+        return {}
+    unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if unset:
+        raise ColaprobError(
+            f"WORLD_SIZE is {launch['WORLD_SIZE']} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set, so the "
+            "processes cannot find each other: start distributed runs with torchrun, or unset RANK, WORLD_SIZE and LOCAL_RANK."
+        )
+    launch.update(MASTER_ADDR=env["MASTER_ADDR"], MASTER_PORT=_integer(env, "MASTER_PORT"))
     return launch
 
 

@@ -216,7 +216,8 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
     With ``prompts``, sequence ``i`` is prompt ``i`` and text ``i`` each tokenized on its own
     (as generation conditions on a prompt), then framed as one text; the counts cover both.
     """
-    _check_texts(texts, "texts")
+    # An empty text still frames to [bos, eos]; only with neither would it be an empty sequence.
+    _check_texts(texts, "texts", allow_empty=framing.bos_id is not None or framing.eos_id is not None)
     if prompts is not None:
         _check_texts(prompts, "prompts", allow_empty=True)
         if len(prompts) != len(texts):
@@ -252,8 +253,8 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
 
 
 def _check_texts(texts, name: str, allow_empty: bool = False) -> None:
-    """A non-empty list of strings (each non-empty unless ``allow_empty``): an empty text has
-    no log-likelihood to report, so it is refused rather than scored as a silent number."""
+    """A non-empty list of strings (each non-empty unless ``allow_empty``): a sequence of no
+    tokens has no log-likelihood to report, so it is refused rather than scored as a silent 0."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise TypeError(f"{name} must be a list of strings, not {type(texts).__name__}.")
     if not texts:
@@ -262,7 +263,7 @@ def _check_texts(texts, name: str, allow_empty: bool = False) -> None:
         if not isinstance(text, str):
             raise TypeError(f"{name}[{i}] is {type(text).__name__}, not a string.")
         if not text and not allow_empty:
-            raise ValueError(f"{name}[{i}] is empty; an empty text has nothing to score.")
+            raise ValueError(f"{name}[{i}] is empty, and this framing adds no bos or eos: it would be a sequence of no tokens.")
 
 
 class Counts(NamedTuple):

@@ -10,6 +10,7 @@ fresh folder) and the fragment the sentence must contain. The command runs in th
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -222,6 +223,7 @@ CASES = [
     # launch environments
     Case("stray-rank-1", lambda folder, fixture: score(folder, fixture), "RANK is set but", env={"RANK": "1"}),
     Case("world-size-without-master", lambda folder, fixture: score(folder, fixture), "WORLD_SIZE is set but", env={"WORLD_SIZE": "2"}),
+    Case("ranks-without-master", lambda folder, fixture: score(folder, fixture), "MASTER_ADDR and MASTER_PORT are not set", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}),
     Case("world-size-abc", lambda folder, fixture: score(folder, fixture), "WORLD_SIZE is 'abc'", env={**LAUNCH, "WORLD_SIZE": "abc"}),
     Case("world-size-0", lambda folder, fixture: score(folder, fixture), "WORLD_SIZE is 0", env={**LAUNCH, "WORLD_SIZE": "0"}),
     Case("rank-outside-world", lambda folder, fixture: score(folder, fixture), "RANK is 2, outside 0..1", env={**LAUNCH, "RANK": "2"}),
@@ -397,12 +399,20 @@ def test_api_refuses_what_it_cannot_frame(fixture_dirs):
         model.frame("one string")
     with pytest.raises(ValueError, match="texts is an empty list"):
         model.frame([])
+    from colaprob.tokenizer import Framing, frame
+
     with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
-        model.frame(["a", ""])
+        frame(model.tokenizer, Framing(bos_id=None, eos_id=None, pad_id=319), ["a", ""], multiple=4)
     with pytest.raises(ValueError, match="as many"):
         model.frame_pairs(["a", "b"], ["c"])
     with pytest.raises(TypeError, match="path_or_name"):
         colaprob.load(3)
     with pytest.raises(ColaprobError, match="lone surrogate"):
         model.frame(["a\ud800"])
+    batch = model.frame(["abc"])
+    for bad in (-1, model.vae_config.vocab_size):
+        wrong = batch.ids.clone()
+        wrong[0, 1] = bad
+        with pytest.raises(ValueError, match=f"token id {bad}, outside"):
+            model.posterior(dataclasses.replace(batch, ids=wrong))
 
