@@ -416,3 +416,32 @@ def test_api_refuses_what_it_cannot_frame(fixture_dirs):
         with pytest.raises(ValueError, match=f"token id {bad}, outside"):
             model.posterior(dataclasses.replace(batch, ids=wrong))
 
+
+
+def test_a_non_finite_result_is_not_summarised(tmp_path, fixture_dirs, monkeypatch):
+    """A row whose log-likelihood comes out NaN (here: forced, as a model with NaN weights
+    would make it) is named, and the corpus figures are not printed as if they were numbers."""
+    from colaprob import estimators
+
+    elbo = estimators.elbo
+
+    def with_a_nan(*args, **kwargs):
+        ds = elbo(*args, **kwargs)
+        values = ds["log_likelihood"].values.copy()
+        values[-1] = float("nan")
+        return ds.assign(log_likelihood=(ds["log_likelihood"].dims, values))
+
+    monkeypatch.setattr(estimators, "elbo", with_a_nan)
+    outcome = run_cli(*corpus_args(tmp_path, fixture_dirs[0], "--batch-size", "5"))
+    assert_one_line_error(outcome, "non-finite log-likelihood", "row(s) 4")
+    assert outcome.out == ""
+
+
+def test_standard_input_is_an_input(tmp_path, fixture_dirs, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"first line\nsecond line\n")))
+    outcome = run_cli("score", "-", "--per-line", "--model", fixture_dirs[0], "-o", tmp_path / "scores.nc", *FAST)
+    assert outcome.code == 0, outcome.err
+    assert list(results.read_dataset(tmp_path / "scores.nc")["text"].values) == ["first line", "second line"]

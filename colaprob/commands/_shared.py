@@ -439,6 +439,20 @@ def plus_minus(value: float, se: float) -> str:
     return f"{value:.4g} ± {se:.2g}"
 
 
+def refuse_non_finite(ds, output) -> None:
+    """Refuse to summarise a result with a non-finite log-likelihood: name its rows and the
+    likely causes (the file stays, so the rows can be inspected)."""
+    values = np.asarray(ds["log_likelihood"].values, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        shown = ", ".join(str(i) for i in bad[:10]) + (f" and {bad.size - 10} more" if bad.size > 10 else "")
+        raise ColaprobError(
+            f"{output} holds a non-finite log-likelihood (NaN or infinite) in row(s) {shown}, so no corpus figure is "
+            "printed; likely causes are weights or a configuration that give NaN (check colaprob inspect) or an ODE "
+            "solve that diverged (try --method rk4 --steps 32)."
+        )
+
+
 def print_json(summary: dict) -> None:
     """``summary`` as strict JSON on stdout: NaN and infinities become null."""
     print(json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False))

@@ -194,6 +194,7 @@ def short_name(ds: xr.Dataset) -> str:
 
 
 def report(ds: xr.Dataset, args) -> None:
+    _shared.refuse_non_finite(ds, args.output)
     row = summary(ds, args.output)
     if args.json:
         _shared.print_json(row)
