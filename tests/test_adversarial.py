@@ -410,7 +410,7 @@ def test_api_refuses_what_it_cannot_frame(fixture_dirs):
     with pytest.raises(ColaprobError, match="lone surrogate"):
         model.frame(["a\ud800"])
     batch = model.frame(["abc"])
-    for bad in (-1, model.vae_config.vocab_size):
+    for bad in (-1, model.vae.encoder.wte.weight.shape[0]):
         wrong = batch.ids.clone()
         wrong[0, 1] = bad
         with pytest.raises(ValueError, match=f"token id {bad}, outside"):
