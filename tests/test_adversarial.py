@@ -210,6 +210,7 @@ CASES = [
     Case("K-1e9", lambda folder, fixture: score(folder, fixture, extra=["-K", "1000000000"]), "more than the 1,048,576"),
     Case("K-2^63", lambda folder, fixture: score(folder, fixture, extra=["-K", str(2**63)]), "more than the 1,048,576"),
     Case("probes-1e7", lambda folder, fixture: score(folder, fixture, extra=["--probes", "10000000"]), "more than block_size x latent_dim"),
+    Case("steps-1e9", lambda folder, fixture: ["score", text(folder), "--model", fixture, "-o", folder / "out" / "s.nc", "--method", "euler", "--steps", "1000000000"], "more than the 100,000"),
     Case("atol-1e-300", lambda folder, fixture: score(folder, fixture, extra=["--method", "dopri5", "--atol", "1e-300"]), "below 1e-07"),
     Case("seed-2^64", lambda folder, fixture: score(folder, fixture, extra=["--seed", str(2**64)]), "must be below 2**63"),
     Case("threads-100000", lambda folder, fixture: score(folder, fixture, extra=["--threads", "100000"]), "per CPU core"),
@@ -218,6 +219,9 @@ CASES = [
     Case("generate-temperature-nan", generate("--temperature", "nan"), "must be a finite number"),
     Case("generate-seed-2^70", generate("--seed", str(2**70)), "must be below 2**63"),
     Case("train-into-a-file", train_into_a_file, "cannot write"),
+    Case("train-lr-nan", lambda folder, fixture: ["train", "--out", folder / "m", "--lr", "nan"], "must be a finite number"),
+    Case("train-a-billion-layers", lambda folder, fixture: ["train", "--out", folder / "m", "--dit-layers", "1000000000"], "must be at most 65,536"),
+    Case("train-too-large-for-memory", lambda folder, fixture: ["train", "--out", folder / "m", "--vae-dim", "65536", "--vae-ffn-dim", "65536"], "exceed the free memory"),
     Case("demo-corrupt-manifest", corrupt_demo, "is unreadable or not JSON"),
     Case("run-folder-is-a-file", run_folder_is_a_file, "is taken by a file"),
     # launch environments

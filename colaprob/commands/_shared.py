@@ -27,6 +27,7 @@ SEED_LIMIT = 2**63
 MAX_SAMPLES = 2**20
 """-K, posterior samples: a million already takes days on the embedded model."""
 MAX_THREADS_PER_CORE = 4
+MAX_STEPS = 100_000
 ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", *FIXED_GRID_METHODS)
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_to
 
 def preflight(args, model, rows: Sequence["Row"], device, what: str) -> None:
     """The checks of the settings against the model and the corpus, before any work: the
-    sample counts, the Hutchinson probes (more than ``block_size * latent_dim`` would cost
+    sample counts, the fixed grid's steps, the Hutchinson probes (more than ``block_size * latent_dim`` would cost
     more than the exact trace), an output that is one of the inputs, and the estimated peak
     memory of one batch (``colaprob.memory``) against ``--max-memory`` or the free memory."""
     from colaprob import memory
@@ -299,6 +300,11 @@ def preflight(args, model, rows: Sequence["Row"], device, what: str) -> None:
     samples = max(getattr(args, name, 0) or 0 for name in ("samples", "posterior_samples", "prior_samples"))
     if samples > MAX_SAMPLES:
         raise ColaprobError(f"{samples:,} samples is more than the {MAX_SAMPLES:,} (2**20) colaprob takes; a run that large would not finish.")
+    if getattr(args, "steps", None) is not None and args.steps > MAX_STEPS:
+        raise ColaprobError(
+            f"--steps {args.steps:,} is more than the {MAX_STEPS:,} a fixed grid may take; far fewer already bring the "
+            "discretisation error below float32 rounding."
+        )
     exact_cost = model.block_size * model.latent_dim
     if args.trace == "hutchinson" and args.probes > exact_cost:
         raise ColaprobError(
