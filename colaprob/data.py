@@ -166,10 +166,24 @@ def split_lines(text: str) -> list[str]:
 
 
 def read_input_bytes(path: Path, limit: int = MAX_INPUT_BYTES) -> bytes:
-    """The bytes of a regular file, or of standard input for ``-``, at most ``limit`` of them;
-    anything else is refused before it is opened (see the module docstring)."""
+    """The bytes of a regular file, or of standard input for ``-`` (the way to read a pipe),
+    at most ``limit`` of them; anything else is refused before it is opened (see the module
+    docstring)."""
     if str(path) == STDIN:
         return _bounded(sys.stdin.buffer, limit, "standard input")
+    info = check_regular_file(path)
+    if info.st_size > limit:
+        raise ColaprobError(f"{path} holds {info.st_size:,} bytes, more than the {limit:,} colaprob reads; split it into smaller files.")
+    try:
+        with open(path, "rb") as handle:
+            return _bounded(handle, limit, str(path))
+    except OSError as err:
+        raise ColaprobError(_open_problem(path, err)) from None
+
+
+def check_regular_file(path: Path) -> os.stat_result:
+    """``os.stat(path)`` of a regular file; a folder, FIFO, socket, device or a path that
+    cannot be opened is one ``ColaprobError`` (before anything opens it and blocks)."""
     try:
         info = os.stat(path)
     except OSError as err:
@@ -178,16 +192,9 @@ def read_input_bytes(path: Path, limit: int = MAX_INPUT_BYTES) -> bytes:
         raise ColaprobError(f"{path} is a directory; give a text or JSONL file.")
     if not stat.S_ISREG(info.st_mode):
         raise ColaprobError(
-            f"{path} is a {_kind(info.st_mode)}, not a regular file; save its contents to a file first "
-            f"(or pipe them in and give {STDIN} for standard input)."
+            f"{path} is a {_kind(info.st_mode)}, not a regular file; save its contents to a regular file first."
         )
-    if info.st_size > limit:
-        raise ColaprobError(f"{path} holds {info.st_size:,} bytes, more than the {limit:,} colaprob reads; split it into smaller files.")
-    try:
-        with open(path, "rb") as handle:
-            return _bounded(handle, limit, str(path))
-    except OSError as err:
-        raise ColaprobError(_open_problem(path, err)) from None
+    return info
 
 
 def _bounded(handle, limit: int, name: str) -> bytes:

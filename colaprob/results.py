@@ -129,7 +129,6 @@ def reports_write_failures(write):
             return write(content, path, *args, **kwargs)
         except OSError as err:
             raise ColaprobError(write_failure(path, err)) from None
-
     return checked
 
 
@@ -151,20 +150,13 @@ def write_failure(path, err: OSError) -> str:
 
 @reports_write_failures
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``). The file
+    is encoded in memory first, so the file system only sees one plain write: a disk that
+    fills up is a clean ``OSError`` there, never an HDF5 library left half-flushed (which
+    can crash the process)."""
     path = Path(path)
     ds = _with_storable_strings(ds)
-    fd, temp = _temp_file_next_to(path)
-    os.close(fd)
-    try:
-        ds.to_netcdf(temp, engine=ENGINE)
-        _fsync_file(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
+    return write_bytes(ds.to_netcdf(engine=ENGINE), path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
@@ -173,7 +165,7 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 @reports_write_failures
-def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+def write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
     """Write ``data`` (a figure, a text) to ``path`` atomically."""
     path = Path(path)
     fd, temp = _temp_file_next_to(path)
@@ -192,7 +184,11 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 def read_dataset(path: str | os.PathLike) -> xr.Dataset:
     """Load a colaprob NetCDF file fully into memory (the file is closed on return)."""
+    from colaprob.data import check_regular_file
+
     path = Path(path)
+    if path.exists() or path.is_symlink():  # a FIFO or device would block or never end
+        check_regular_file(path)
     try:
         return xr.load_dataset(path, engine=ENGINE)
     except FileNotFoundError:
@@ -237,14 +233,6 @@ def default_mode(base: int) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return base & ~umask
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:
