@@ -73,30 +73,39 @@ class Context:
 
     def agree(self, step, share: bool = False):
         """Run ``step()`` on every rank and return its result once all ranks have finished
-        it (``share``: every rank's result, in rank order; they must be picklable). If it raised a ``ColaprobError`` (or an ``OSError``) on any
-        rank, every rank raises: rank 0 with the first rank's sentence, the others quietly
-        (``ReportedByRankZero``), so the mistake is said once and no rank waits forever at
-        a later barrier. A single process just runs it."""
+        it (``share``: every rank's result, in rank order; they must be picklable).
+
+        If it raised on any rank, every rank raises, so no rank waits forever at a later
+        barrier: for a ``ColaprobError`` (or an ``OSError``), rank 0 with the first failing
+        rank's sentence and the others quietly (``ReportedByRankZero``), so the mistake is
+        said once; for any other exception (a bug) the failing rank re-raises it with its
+        traceback and the others stop quietly. A single process just runs it."""
         if not self.is_distributed:
             value = step()
             return [value] if share else value
-        outcome, value = (None, None), None
+        value, error, message = None, None, None
         try:
             value = step()
-            outcome = (None, value if share else None)
         except ColaprobError as err:
-            outcome = ("" if getattr(err, "quiet", False) else str(err), None)
+            error, message = err, "" if getattr(err, "quiet", False) else str(err)
         except OSError as err:
-            outcome = (f"{err.strerror or err} ({getattr(err, 'filename', '') or 'no file'}).", None)
+            error, message = err, f"{err.strerror or err} ({getattr(err, 'filename', '') or 'no file'})."
+        except Exception as err:
+            error, message = err, None
+        bug = error is not None and message is None
         gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, outcome)
-        failures = [(rank, message) for rank, (message, _) in enumerate(gathered) if message is not None]
+        dist.all_gather_object(gathered, (message, bug, value if share and error is None else None))
+        if bug:
+            raise error
+        if any(other_bug for _, other_bug, _ in gathered):
+            raise ReportedByRankZero("another rank failed")
+        failures = [(rank, text) for rank, (text, _, _) in enumerate(gathered) if text is not None]
         if failures:
-            rank, message = next(((r, m) for r, m in failures if m), failures[0])
+            rank, text = next(((r, t) for r, t in failures if t), failures[0])
             if self.is_main:
-                raise ColaprobError(message if rank == 0 else f"on rank {rank}: {message}")
-            raise ReportedByRankZero(message)
-        return [shared for _, shared in gathered] if share else value
+                raise ColaprobError(text if rank == 0 else f"on rank {rank}: {text}")
+            raise ReportedByRankZero(text)
+        return [shared for _, _, shared in gathered] if share else value
 
     def all_ok(self, ok: bool) -> bool:
         """True iff ``ok`` on every rank, so that all ranks take the same branch after a

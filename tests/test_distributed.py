@@ -128,3 +128,39 @@ def test_a_failure_on_one_rank_stops_all_and_is_said_by_rank_zero():
     reported = sorted(queue.get(timeout=5) for _ in range(2))
     assert reported[0] == (0, "ColaprobError", "on rank 1: the disk of rank 1 is full.")
     assert reported[1][:2] == (1, "ReportedByRankZero")
+
+
+def _bug_on_rank_one(rank: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ctx = Context(rank=rank, world_size=2)
+
+    def step():
+        if rank == 1:
+            raise ZeroDivisionError("a bug")
+
+    try:
+        ctx.agree(step)
+    except Exception as err:
+        queue.put((rank, type(err).__name__))
+    dist.destroy_process_group()
+
+
+def test_a_bug_on_one_rank_stops_all():
+    """A bug on rank 1 keeps its traceback there and stops rank 0 instead of leaving it at
+    the next barrier."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    procs = [context.Process(target=_bug_on_rank_one, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert sorted(queue.get(timeout=5) for _ in range(2)) == [(0, "ReportedByRankZero"), (1, "ZeroDivisionError")]
