@@ -9,14 +9,26 @@ A checkpoint root holds::
                         {"framing": {"bos_id", "eos_id", "pad_id", "max_tokens"},
                          "decoder_space": "vae" | "dit", "info": {...free-form...}}
 
-A root that holds ``cola_vae/`` and ``cola_dit/`` directly is accepted too. ``"tiny"`` names
+A root that holds ``cola_vae/`` and ``cola_dit/`` directly is accepted too. Every weight file
+must lie inside its part's folder: an index entry with ``..``, an absolute path or a symlink
+that leads out is refused. Configurations are checked against the weights' headers before any
+network is built (layer counts, and no size larger than every stored dimension), so a
+config.json that cannot match its weights costs no memory and no time.
+
+A framing without ``max_tokens`` gets ``OFFICIAL_CONTEXT`` tokens, the length of the rows the
+official pretraining packs documents into (``T = 2048`` in the docstring of
+``cola_dlm/dataloader.py``, ByteDance-Seed/Cola-DLM at commit 6752ff1): texts longer than the
+context the model was trained on are refused (or windowed with ``--split``), never run into an
+allocation the machine cannot make. ``"tiny"`` names
 the embedded model shipped in the package (``colaprob/tiny/``). Weights stored as F32, BF16 or
 F16 are read as float32. Nothing is ever unpickled: ``.bin`` / ``.pt`` files are refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import shutil
 import tempfile
 import uuid
@@ -27,6 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from colaprob.config import DiTConfig, VAEConfig
+from colaprob.data import read_input_bytes
 from colaprob.dit import DiT
 from colaprob.errors import ColaprobError
 from colaprob.model import DECODER_SPACES, ColaModel
@@ -39,6 +52,17 @@ PARTS = {"vae": ("cola_vae", VAEConfig, TextVAE), "dit": ("cola_dit", DiTConfig,
 READABLE_DTYPES = {"F32", "BF16", "F16"}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 OPTIONS_FILE = "colaprob.json"
+OFFICIAL_CONTEXT = 2048
+MAX_JSON_BYTES = 64 << 20
+CHECKPOINT_ENTRIES = ("cola_dlm", "cola_vae", "cola_dit", "tokenizer.json", OPTIONS_FILE)
+# Config fields that are a width, a count of heads or a vocabulary: each is (or divides) a
+# dimension of some stored tensor, so none can exceed the largest stored dimension.
+SIZE_FIELDS = {
+    "vae": ("vocab_size", "dim", "ffn_dim", "latent_dim", "patch_size", "num_heads"),
+    "dit": ("txt_in_channels", "txt_out_channels", "txt_dim", "emb_dim", "heads", "head_dim", "rope_dim"),
+}
+# Config fields that count layers, and the state-dict prefix of each layer.
+LAYER_FIELDS = {"vae": {"encoder_num_blocks": "encoder.blocks.", "decoder_num_blocks": "decoder.blocks."}, "dit": {"num_layers": "blocks."}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,9 +76,15 @@ def resolve(path_or_name: str | Path) -> Path:
         if not TINY.is_dir():
             raise ColaprobError(f"the embedded model is not built yet: {TINY} does not exist (the trainer, colaprob train, writes it).")
         return TINY
+    if not isinstance(path_or_name, (str, Path)):
+        raise TypeError(f"load() takes a checkpoint folder or 'tiny' as path_or_name, not {type(path_or_name).__name__}.")
     root = Path(path_or_name).expanduser()
-    if not root.exists():
-        raise ColaprobError(f"{root} does not exist.")
+    try:
+        root.stat()
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            raise ColaprobError(f"{root} does not exist.") from None
+        raise ColaprobError(f"{root} cannot be opened ({err.strerror or err}); check the path.") from None
     if not root.is_dir():
         raise ColaprobError(f"{root} is a file; give the checkpoint folder that holds cola_dlm/ and tokenizer.json.")
     return root
@@ -73,12 +103,14 @@ def part_folders(root: Path) -> dict[str, Path]:
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise ColaprobError(f"{path} does not exist.")
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ColaprobError(f"{path} is not valid JSON ({err}).") from None
+        d = json.loads(read_input_bytes(path, MAX_JSON_BYTES).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, or an integer too long
+        raise ColaprobError(f"{path} is not valid JSON ({str(err).splitlines()[0]}).") from None
+    except RecursionError:
+        raise ColaprobError(f"{path} nests arrays or objects deeper than the JSON reader allows.") from None
     if not isinstance(d, dict):
         raise ColaprobError(f"{path} does not hold a JSON object.")
     return d
@@ -92,12 +124,16 @@ def weight_files(folder: Path) -> dict[str, Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ColaprobError(f"{index} has no weight_map.")
-        files = {key: folder / str(name) for key, name in weight_map.items()}
-        for path in set(files.values()):
-            if not path.is_file():
-                raise ColaprobError(f"{path} is listed in {index.name} but does not exist.")
+        if not all(isinstance(name, str) for name in weight_map.values()):
+            raise ColaprobError(f"{index} has a weight_map entry that is not a file name.")
+        files = {key: folder / name for key, name in weight_map.items()}
+        for name in set(weight_map.values()):
+            confined(folder, name, index)
+            if not (folder / name).is_file():
+                raise ColaprobError(f"{folder / name} is listed in {index.name} but does not exist.")
         return files
     if single.is_file():
+        confined(folder, single.name, single)
         with _open(single) as handle:
             return {key: single for key in handle.keys()}
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -107,6 +143,16 @@ def weight_files(folder: Path) -> dict[str, Path]:
             "convert it to model.safetensors."
         )
     raise ColaprobError(f"{single} does not exist.")
+
+
+def confined(folder: Path, name: str, source: Path) -> Path:
+    """``folder / name``, refused unless it is a file name inside ``folder`` that stays inside
+    it once symbolic links are followed (an index must not reach other files)."""
+    target = folder / name
+    inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+    if not inside or not target.resolve().is_relative_to(folder.resolve()):
+        raise ColaprobError(f"{source} names {name!r}, which lies outside {folder}; weight files must be inside the checkpoint folder.")
+    return target
 
 
 def _open(path: Path):
@@ -129,6 +175,23 @@ def stored_shapes(files: dict[str, Path]) -> dict[str, tuple[list[int], str]]:
         if key not in out:
             raise ColaprobError(f"{path} does not hold {key}, which the index says it does.")
     return out
+
+
+def impossible_sizes(part: str, config, stored: dict, source: Path) -> list[str]:
+    """Config fields the stored tensors cannot match, from the headers alone: a layer count
+    other than the number of layers stored, or a size larger than every stored dimension.
+    Checked before ``expected_layout`` builds the network, which a config with a billion
+    layers or a width of a billion would make slow or impossible."""
+    largest = max((n for shape, _ in stored.values() for n in shape), default=0)
+    problems = []
+    for name, prefix in LAYER_FIELDS[part].items():
+        found = {m.group(1) for key in stored if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))}
+        if getattr(config, name) != len(found):
+            problems.append(f"{source} sets {name} to {getattr(config, name)}, but the weights hold {len(found)} such layers.")
+    for name in SIZE_FIELDS[part]:
+        if getattr(config, name) > largest:
+            problems.append(f"{source} sets {name} to {getattr(config, name)}, larger than any dimension of the stored weights ({largest}).")
+    return problems
 
 
 def expected_layout(part: str, config) -> tuple[dict[str, list[int]], set[str]]:
@@ -176,6 +239,23 @@ def pieces_problems(vae_config: VAEConfig, dit_config: DiTConfig, tokenizer: Tok
     return problems
 
 
+def framing_problems(framing: Framing, vae_config: VAEConfig, dit_config: DiTConfig, source: str) -> list[str]:
+    """Framing ids outside the vocabulary the decoder predicts, or a block longer than the
+    context (every framed text is a whole number of blocks)."""
+    problems = [
+        f"{source} sets framing {name} to {value}, outside the vocabulary of {vae_config.vocab_size} tokens."
+        for name, value in framing.to_dict().items()
+        if name.endswith("_id") and value is not None and value >= vae_config.vocab_size
+    ]
+    block = vae_config.patch_size * dit_config.block_size
+    if block > framing.max_tokens:
+        problems.append(
+            f"the prior block of this checkpoint is {block} tokens (patch_size {vae_config.patch_size} x DiT block_size "
+            f"{dit_config.block_size}), longer than its context of {framing.max_tokens} tokens; check the config.json files."
+        )
+    return problems
+
+
 def read_options(root: Path) -> dict:
     """``colaprob.json`` (empty when absent), checked."""
     path = root / OPTIONS_FILE
@@ -185,7 +265,9 @@ def read_options(root: Path) -> dict:
     unknown = sorted(set(options) - {"framing", "decoder_space", "info"})
     if unknown:
         raise ColaprobError(f"{path} has unknown entries {unknown}; it may hold framing, decoder_space and info.")
-    if options.get("decoder_space", "vae") not in DECODER_SPACES:
+    if not isinstance(options.get("info", {}), dict):
+        raise ColaprobError(f"{path} sets info to {options['info']!r}, but it must be a JSON object.")
+    if not isinstance(options.get("decoder_space", "vae"), str) or options.get("decoder_space", "vae") not in DECODER_SPACES:
         raise ColaprobError(f"{path} sets decoder_space to {options['decoder_space']!r}, but it must be 'vae' or 'dit'.")
     if "framing" in options:
         options["framing"] = Framing.from_dict(options["framing"], str(path))
@@ -207,21 +289,34 @@ def load(path_or_name: str | Path, *, decoder_space: str | None = None) -> ColaM
         cls = PARTS[part][1]
         configs[part] = cls.from_dict(read_json(folder / "config.json"), str(folder / "config.json"))
         files = weight_files(folder)
-        problems = mismatches(files, stored_shapes(files), expected_layout(part, configs[part])[0])
+        stored = stored_shapes(files)
+        problems = impossible_sizes(part, configs[part], stored, folder / "config.json")
+        problems = problems or mismatches(files, stored, expected_layout(part, configs[part])[0])
         if problems:
             raise ColaprobError(problems[0])
-        state.update({f"{part}.{k}": v for k, v in read_tensors(files).items()})
     tokenizer = Tokenizer.from_file(root / "tokenizer.json")
+    options = read_options(root)
+    options["framing"] = with_context(options.get("framing") or Framing.official(tokenizer))
     problems = pieces_problems(configs["vae"], configs["dit"], tokenizer, root, folders)
+    problems += framing_problems(options["framing"], configs["vae"], configs["dit"], str(root / OPTIONS_FILE))
     if problems:
         raise ColaprobError(problems[0])
-    options = read_options(root)
+    for part, folder in folders.items():  # only now that everything agrees: read the weights
+        state.update({f"{part}.{k}": v for k, v in read_tensors(weight_files(folder)).items()})
     if decoder_space is not None:
         options["decoder_space"] = decoder_space
     with torch.device("meta"):  # no random initialisation: the weights come from the files
         model = ColaModel(configs["vae"], configs["dit"], tokenizer, **options)
     model.load_state_dict(state, assign=True)
     return model
+
+
+def with_context(framing: Framing) -> Framing:
+    """``framing`` with ``OFFICIAL_CONTEXT`` where it states no ``max_tokens`` (see the module
+    docstring)."""
+    if framing.max_tokens is not None:
+        return framing
+    return Framing(framing.bos_id, framing.eos_id, framing.pad_id, OFFICIAL_CONTEXT)
 
 
 def read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
@@ -247,8 +342,14 @@ def save(model: ColaModel, path: str | Path) -> Path:
 
     The folder is written next to its destination and renamed into place, so an interrupted
     save never leaves a half-written checkpoint; an existing checkpoint there is replaced, any
-    other existing non-empty folder is refused. Loading it back gives bit-identical weights.
+    other existing non-empty folder is refused. Files of an existing checkpoint folder that are
+    not part of a checkpoint (a README, notes) are kept. Loading it back gives bit-identical
+    weights.
     """
+    if not isinstance(model, ColaModel):
+        raise TypeError(f"save() takes a ColaModel as model, not {type(model).__name__}.")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"save() takes a folder path as path, not {type(path).__name__}.")
     path = Path(path).expanduser()
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "cola_dlm").is_dir())):
         raise ColaprobError(f"{path} exists and is not a Cola DLM checkpoint, so it is not overwritten.")
@@ -256,6 +357,11 @@ def save(model: ColaModel, path: str | Path) -> Path:
         options = json.dumps({"framing": model.framing.to_dict(), "decoder_space": model.decoder_space, "info": model.info}, indent=2)
     except TypeError as err:
         raise ColaprobError(f"the model's info cannot be written to {OPTIONS_FILE} ({err}).") from None
+    _write_checkpoint(model, options, path)
+    return path
+
+
+def _write_checkpoint(model: ColaModel, options: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(default_mode(0o777))  # mkdtemp makes 0700; a checkpoint is an ordinary folder
@@ -272,13 +378,16 @@ def save(model: ColaModel, path: str | Path) -> Path:
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             path.rename(old)
             tmp.rename(path)
+            # The user's own files move into the new folder; until then they are in `old`.
+            for entry in old.iterdir():
+                if entry.name not in CHECKPOINT_ENTRIES:
+                    entry.rename(path / entry.name)
             shutil.rmtree(old)
         else:
             tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def inspect_checkpoint(path_or_name: str | Path) -> dict:

@@ -8,6 +8,7 @@ command runs, so ``colaprob --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -23,6 +24,11 @@ COMMANDS = {
     "inspect": "colaprob.commands.inspect",
     "demo": "colaprob.commands.demo",
 }
+
+
+# Failures to write that a user can fix (space, permissions); any write the commands do not
+# report themselves is still one sentence.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,11 +77,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ColaprobError as err:
-        print(f"colaprob: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # reported by rank 0 for every rank
+            print(f"colaprob: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        from colaprob.results import write_failure
+
+        print(f"colaprob: error: {write_failure(err.filename or 'a file', err)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        # torch reports a failed allocation as a RuntimeError (OutOfMemoryError on a GPU).
+        if isinstance(err, RuntimeError) and not _out_of_memory(err):
+            raise
+        print(
+            "colaprob: error: the machine ran out of memory; lower --chunk-size or --batch-size, shorten the texts, "
+            "or set --max-memory to what is really free so the run is refused before it starts.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("colaprob: interrupted; finished work is saved and a rerun resumes it", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err) or "out of memory" in str(err)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ forward pass cannot run (or runs wrongly) are refused with one sentence.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,6 +42,21 @@ class _Config:
         config = cls(**values)
         config.validate(source)
         return config
+
+    def check_ranges(self, source: str, positive: tuple[str, ...], unit_interval: tuple[str, ...]) -> None:
+        """Every float field finite (a NaN or infinity reaches every number computed with it),
+        the ``positive`` fields above 0 and the ``unit_interval`` fields in [0, 1)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ColaprobError(f"{source} sets {field.name} to {value}, but it must be a finite number.")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ColaprobError(f"{source} sets {name} to {value}, but it must be greater than 0.")
+        for name in unit_interval:
+            if not 0 <= getattr(self, name) < 1:
+                raise ColaprobError(f"{source} sets {name} to {getattr(self, name)}, but it must lie in [0, 1).")
 
     @classmethod
     def unknown_keys(cls, d: dict[str, Any]) -> list[str]:
@@ -117,6 +133,7 @@ class VAEConfig(_Config):
         return self.dim // self.num_heads
 
     def validate(self, source: str = "the VAE config") -> None:
+        self.check_ranges(source, ("layer_norm_eps", "rope_theta", "clip_qkv"), ("dropout", "attn_dropout"))
         positive = ["vocab_size", "dim", "ffn_dim", "latent_dim", "patch_size", "num_heads", "block_size"]
         for name in positive + ["encoder_num_blocks", "decoder_num_blocks"]:
             if getattr(self, name) < (1 if name in positive else 0):
@@ -134,6 +151,8 @@ class VAEConfig(_Config):
             raise ColaprobError(f"{source} sets act to {self.act!r}, but only 'swiglu', 'silu' and 'gelu' exist.")
         if self.act == "swiglu" and self.ffn_dim % 2:
             raise ColaprobError(f"{source} sets ffn_dim to {self.ffn_dim}, but SwiGLU needs an even ffn_dim.")
+        if self.init_std < 0 or self.init_cutoff_factor < 0:
+            raise ColaprobError(f"{source} sets init_std {self.init_std} and init_cutoff_factor {self.init_cutoff_factor}, but neither may be negative.")
         if self.scaling_factor == 0:
             raise ColaprobError(f"{source} sets scaling_factor to 0, which maps every latent to the same point.")
 
@@ -162,6 +181,7 @@ class DiTConfig(_Config):
     block_size: int = 4
 
     def validate(self, source: str = "the DiT config") -> None:
+        self.check_ranges(source, ("norm_eps",), ())
         for name in ["txt_in_channels", "txt_out_channels", "txt_dim", "heads", "head_dim", "expand_ratio", "block_size"]:
             if getattr(self, name) < 1:
                 raise ColaprobError(f"{source} sets {name} to {getattr(self, name)}, which is too small.")

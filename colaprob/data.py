@@ -16,13 +16,26 @@ A ``Document`` is one text to model, optionally with a prompt it is conditioned 
   file as one document) or JSONL (``{"text": ...}`` or ``{"prompt": ..., "ground_truth":
   ...}`` / ``{"prompt": ..., "response": ...}``). Every mistake in the file is a
   ``ColaprobError`` naming the file and the place.
+
+Before a byte is read, an input must be a regular file (or ``-``, standard input): a FIFO,
+socket or device could block or never end, so it is refused, as are paths that cannot be
+opened (a symlink loop, a component that is a file, a name too long). At most
+``MAX_INPUT_BYTES`` are read. Lines end at ``\n`` or ``\r\n`` only: U+2028, U+0085 and
+the other characters ``str.splitlines`` treats as line ends stay inside the line. JSON is
+parsed with limits (``MAX_INT_DIGITS`` digits in an integer, nesting as deep as the parser
+allows) and every text must be valid Unicode, without lone surrogates from ``\ud800``-style
+escapes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import re
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +44,13 @@ from colaprob.errors import ColaprobError
 SPLITS = ("train", "heldout")
 MODES = ("auto", "lines", "file", "jsonl")
 RESPONSE_KEYS = ("ground_truth", "response")
+STDIN = "-"
+MAX_INPUT_BYTES = 1 << 30
+"""Largest input read (1 GiB): far more text than a run can score, small enough to hold."""
+MAX_INT_DIGITS = 64
+"""Integers in a JSONL record may have this many digits (none is needed to hold text)."""
+LINE_BREAK = re.compile(r"\r?\n")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -123,7 +143,7 @@ def read_documents(path: str | Path, mode: str = "auto") -> list[Document]:
     ``"jsonl"`` for a ``.jsonl`` file, else ``"lines"``.
     """
     path = Path(path)
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ColaprobError(f"unknown reading mode {mode!r}; use one of {', '.join(MODES)}.")
     if mode == "auto":
         mode = "jsonl" if path.suffix.lower() == ".jsonl" else "lines"
@@ -132,19 +152,76 @@ def read_documents(path: str | Path, mode: str = "auto") -> list[Document]:
         raise ColaprobError(f"{path} is empty or holds only blank lines; give it at least one document.")
     if mode == "file":
         return [Document(text.strip("\n").rstrip())]
-    lines = text.splitlines()
+    lines = split_lines(text)
     if mode == "lines":
         return [Document(line) for line in lines if line.strip()]
     return [_jsonl_document(line, path, number) for number, line in enumerate(lines, 1) if line.strip()]
 
 
-def _read_utf8(path: Path) -> str:
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text``, broken at ``\n`` and ``\r\n`` only (a final line break ends
+    the last line rather than starting an empty one)."""
+    lines = LINE_BREAK.split(text)
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def read_input_bytes(path: Path, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of a regular file, or of standard input for ``-`` (the way to read a pipe),
+    at most ``limit`` of them; anything else is refused before it is opened (see the module
+    docstring)."""
+    if str(path) == STDIN:
+        return _bounded(sys.stdin.buffer, limit, "standard input")
+    info = check_regular_file(path)
+    if info.st_size > limit:
+        raise ColaprobError(f"{path} holds {info.st_size:,} bytes, more than the {limit:,} colaprob reads; split it into smaller files.")
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ColaprobError(f"{path} does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise ColaprobError(f"{path} is a directory; give a text or JSONL file.") from None
+        with open(path, "rb") as handle:
+            return _bounded(handle, limit, str(path))
+    except OSError as err:
+        raise ColaprobError(_open_problem(path, err)) from None
+
+
+def check_regular_file(path: Path) -> os.stat_result:
+    """``os.stat(path)`` of a regular file; a folder, FIFO, socket, device or a path that
+    cannot be opened is one ``ColaprobError`` (before anything opens it and blocks)."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise ColaprobError(_open_problem(path, err)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ColaprobError(f"{path} is a directory; give a text or JSONL file.")
+    if not stat.S_ISREG(info.st_mode):
+        raise ColaprobError(
+            f"{path} is a {_kind(info.st_mode)}, not a regular file; save its contents to a regular file first."
+        )
+    return info
+
+
+def _bounded(handle, limit: int, name: str) -> bytes:
+    data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ColaprobError(f"{name} holds more than the {limit:,} bytes colaprob reads; split it into smaller files.")
+    return data
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _open_problem(path: Path, err: OSError) -> str:
+    reasons = {
+        errno.ENOENT: "does not exist; check the path",
+        errno.ELOOP: "is a symbolic link that loops back on itself; point it at a real file",
+        errno.ENOTDIR: "cannot exist, because a folder on its path is a file; check the path",
+        errno.ENAMETOOLONG: "is a name too long for the file system; check the path",
+        errno.EACCES: "cannot be read (permission denied); check its permissions",
+    }
+    return f"{path} {reasons.get(err.errno, f'cannot be read ({err.strerror or err})')}."
+
+
+def _read_utf8(path: Path) -> str:
+    raw = read_input_bytes(path)
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
@@ -157,9 +234,11 @@ def _read_utf8(path: Path) -> str:
 def _jsonl_document(line: str, path: Path, number: int) -> Document:
     where = f"line {number} of {path}"
     try:
-        record = json.loads(line)
+        record = json.loads(line, parse_int=lambda digits: _bounded_int(digits, where), parse_constant=lambda name: _no_constant(name, where))
     except json.JSONDecodeError as err:
         raise ColaprobError(f"{where} is not valid JSON ({err.msg} at column {err.colno}).") from None
+    except RecursionError:
+        raise ColaprobError(f"{where} nests arrays or objects deeper than the JSON reader allows; a record is one flat object.") from None
     if not isinstance(record, dict):
         raise ColaprobError(f"{where} is not a JSON object; write {{\"text\": ...}} or {{\"prompt\": ..., \"ground_truth\": ...}}.")
     response_key = next((key for key in RESPONSE_KEYS if key in record), None)
@@ -177,4 +256,21 @@ def _jsonl_document(line: str, path: Path, number: int) -> Document:
         raise ColaprobError(f"{where}: \"{response_key}\" must be a string.")
     if not text:
         raise ColaprobError(f"{where}: \"{response_key}\" is empty; every document needs some text.")
+    for key, value in ((response_key, text), ("prompt", prompt)):
+        surrogate = SURROGATE.search(value or "")
+        if surrogate:
+            raise ColaprobError(
+                f"{where}: \"{key}\" holds the lone surrogate \\u{ord(surrogate.group()):04x} at character {surrogate.start()}, "
+                "half of a UTF-16 pair and not a character; fix the escape in the file."
+            )
     return Document(text, prompt)
+
+
+def _bounded_int(digits: str, where: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ColaprobError(f"{where} holds an integer of {len(digits.lstrip('-')):,} digits, more than the {MAX_INT_DIGITS} a record may have.")
+    return int(digits)
+
+
+def _no_constant(name: str, where: str):
+    raise ColaprobError(f"{where} holds {name}, which is not JSON; write a number or a string.")

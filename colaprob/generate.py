@@ -25,6 +25,7 @@ index, so a call is reproducible and a prompt's output does not depend on the ot
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,11 @@ from colaprob.attention import KVCache
 from colaprob.errors import ColaprobError
 from colaprob.model import T_SCALE, ColaModel
 from colaprob.protocol import from_prior_space, to_prior_space
+
+
+MAX_STEPS = 100_000
+SEED_LIMIT = 2**63
+"""Seeds are integers in [0, 2**63); a prompt's generator is seeded from the seed and its index."""
 
 
 @dataclass
@@ -49,8 +55,18 @@ class Sampling:
     top_p: float | None = None
 
     def validate(self) -> None:
+        for name in ("max_new_tokens", "steps", "top_k"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ColaprobError(f"{name} must be an integer, got {value!r}.")
+        for name in ("guidance", "temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ColaprobError(f"{name} must be a finite number, got {value!r}.")
         if self.max_new_tokens < 1 or self.steps < 1:
             raise ColaprobError("generation needs at least one new token and one Euler step.")
+        if self.steps > MAX_STEPS:
+            raise ColaprobError(f"{self.steps} Euler steps per block is more than the {MAX_STEPS} allowed; the official default is 16.")
         if self.temperature < 0 or (self.top_k is not None and self.top_k < 1):
             raise ColaprobError("the temperature must be >= 0 and top-k at least 1.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -59,10 +75,21 @@ class Sampling:
 
 @torch.no_grad()
 def generate(model: ColaModel, prompts: list[str], sampling: Sampling | None = None, seed: int = 0) -> list[str]:
-    """The continuation of each prompt (see the module docstring)."""
+    """The continuation of each prompt (see the module docstring). ``max_new_tokens`` is
+    capped by the model's context (``model.framing.max_tokens``, the prompt included)."""
     sampling = sampling or Sampling()
     sampling.validate()
-    return [continue_prompt(model, p, sampling, torch.Generator().manual_seed(seed * 1_000_003 + i)) for i, p in enumerate(prompts)]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ColaprobError(f"the seed must be an integer in [0, 2**63), got {seed!r}.")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings.")
+    limit = model.framing.max_tokens
+    if limit is not None and sampling.max_new_tokens > limit:
+        raise ColaprobError(f"max_new_tokens {sampling.max_new_tokens} is more than the model's context of {limit} tokens; ask for fewer.")
+    # Reduced mod 2**63 so every seed below SEED_LIMIT gives a valid generator seed.
+    return [
+        continue_prompt(model, p, sampling, torch.Generator().manual_seed((seed * 1_000_003 + i) % SEED_LIMIT)) for i, p in enumerate(prompts)
+    ]
 
 
 def continue_prompt(model: ColaModel, prompt: str, sampling: Sampling, g: torch.Generator) -> str:

@@ -121,6 +121,10 @@ class ColaModel(nn.Module):
 
     def _latent_lengths(self, batch: TokenBatch) -> Tensor:
         """[B] valid latent positions of each sequence, on the model's device."""
+        n_ids = self.vae.encoder.wte.weight.shape[0]  # the vocabulary and the encoder's mask id
+        if batch.ids.numel() and (int(batch.ids.min()) < 0 or int(batch.ids.max()) >= n_ids):
+            bad = int(batch.ids.min()) if int(batch.ids.min()) < 0 else int(batch.ids.max())
+            raise ValueError(f"batch.ids holds the token id {bad}, outside this model's ids 0..{n_ids - 1}.")
         if batch.ids.shape[-1] % self.patch_size:
             raise ColaprobError(f"the batch is {batch.ids.shape[-1]} tokens wide, not a multiple of the patch size {self.patch_size}.")
         lengths = (batch.lengths + self.patch_size - 1) // self.patch_size

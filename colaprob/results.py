@@ -17,6 +17,8 @@ Ctrl-C on the way removes the temporary file.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import platform
@@ -116,21 +118,45 @@ def provenance(settings: Mapping) -> dict:
 # Files
 
 
+def reports_write_failures(write):
+    """Decorate ``write(content, path)`` so a failed write (disk full, read-only file
+    system, no permission, ...) is one ``ColaprobError``; the writers remove their temporary
+    file on the way out, so an existing ``path`` is untouched and nothing half-written stays."""
+
+    @functools.wraps(write)
+    def checked(content, path, *args, **kwargs):
+        try:
+            return write(content, path, *args, **kwargs)
+        except OSError as err:
+            raise ColaprobError(write_failure(path, err)) from None
+    return checked
+
+
+def write_failure(path, err: OSError) -> str:
+    """The sentence for an ``OSError`` met while writing ``path``."""
+    reasons = {
+        errno.ENOSPC: "no space is left on the device",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission is denied",
+        errno.EPERM: "the operation is not permitted",
+    }
+    reason = reasons.get(err.errno) or _first_line(err)
+    return (
+        f"cannot write {path}: {reason}; free space or fix the permissions (or choose another output), "
+        "then rerun: files already finished are kept."
+    )
+
+
+@reports_write_failures
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``). The file
+    is encoded in memory first, so the file system only sees one plain write: a disk that
+    fills up is a clean ``OSError`` there, never an HDF5 library left half-flushed (which
+    can crash the process)."""
     path = Path(path)
     ds = _with_storable_strings(ds)
-    fd, temp = _temp_file_next_to(path)
-    os.close(fd)
-    try:
-        ds.to_netcdf(temp, engine=ENGINE)
-        _fsync_file(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
+    return write_bytes(ds.to_netcdf(engine=ENGINE), path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
@@ -138,7 +164,8 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return write_bytes(text.encode("utf-8"), path)
 
 
-def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+@reports_write_failures
+def write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
     """Write ``data`` (a figure, a text) to ``path`` atomically."""
     path = Path(path)
     fd, temp = _temp_file_next_to(path)
@@ -157,7 +184,11 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 def read_dataset(path: str | os.PathLike) -> xr.Dataset:
     """Load a colaprob NetCDF file fully into memory (the file is closed on return)."""
+    from colaprob.data import check_regular_file
+
     path = Path(path)
+    if path.exists() or path.is_symlink():  # a FIFO or device would block or never end
+        check_regular_file(path)
     try:
         return xr.load_dataset(path, engine=ENGINE)
     except FileNotFoundError:
@@ -179,6 +210,8 @@ def check_writable(path: str | os.PathLike) -> Path:
         os.unlink(temp)
     except OSError as err:
         raise ColaprobError(f"cannot write results to {path}: {err.strerror or err}.") from None
+    if path.exists() and not path.is_file():
+        raise ColaprobError(f"cannot write results to {path}: it is not a regular file; give a file name.")
     return path
 
 
@@ -200,14 +233,6 @@ def default_mode(base: int) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return base & ~umask
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:

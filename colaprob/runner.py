@@ -16,12 +16,22 @@ numbers, which is what makes runs resumable and shardable:
   merges the batches, in order, into the output (atomically) and removes the run folder.
 
 The merged dataset is the same whichever processes computed which batches.
+
+Two guarantees protect results already on disk. A run holds an exclusive lock on its run
+folder (``flock`` on the folder itself) from the moment it writes there until the folder is
+removed, so a second process on the same output is refused instead of racing on the same
+batches. And ``overwrite`` never deletes a finished output first: the new result replaces it
+in one atomic rename when it is complete, so an interrupted ``--overwrite`` leaves the old
+result in place. Every step that can fail on one rank is agreed on by all of them
+(``Context.agree``): the failure is reported once, by rank 0, and no rank waits forever.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -107,25 +117,44 @@ def run(
     output = Path(output)
     folder = run_folder(output)
     # Every rank checks (read-only, before anyone writes), so all of them refuse together.
-    if not overwrite:
-        if _finished(output, plan):
+    if ctx.agree(lambda: not overwrite and (_finished(output, plan) or _refuse_other_run(output, folder, plan))):
+        return results.read_dataset(output) if ctx.is_main else None
+    held: list[RunLock] = []
+    try:
+        # Rank 0 claims the folder; it may find that another process just finished this run.
+        if ctx.agree(lambda: ctx.is_main and _claim_folder(output, folder, plan, overwrite, held), share=True)[0]:
             return results.read_dataset(output) if ctx.is_main else None
-        _refuse_other_run(output, folder, plan)
-    ctx.barrier()
-    if ctx.is_main:
-        _prepare_folder(output, folder, plan, overwrite)
-    ctx.barrier()
+        ctx.agree(lambda: _compute_my_batches(plan, score_batch, folder, ctx, progress, desc))
+        return ctx.agree(lambda: _merge_into_output(plan, folder, output, finish) if ctx.is_main else None)
+    finally:
+        for lock in held:
+            lock.release()
 
-    _compute_my_batches(plan, score_batch, folder, ctx, progress, desc)
-    ctx.barrier()
-    merged = None
-    if ctx.is_main:
-        merged = finish(_merge(plan, folder))
-        merged.attrs.update(results.provenance(plan.record), **{RUN_KEY: plan.key})
-        results.write_dataset(merged, output)
-        shutil.rmtree(folder)
-    ctx.barrier()
+
+def _merge_into_output(plan: Plan, folder: Path, output: Path, finish) -> xr.Dataset:
+    merged = finish(_merge(plan, folder))
+    merged.attrs.update(results.provenance(plan.record), **{RUN_KEY: plan.key})
+    results.write_dataset(merged, output)
+    shutil.rmtree(folder)
     return merged
+
+
+class RunLock:
+    """An exclusive ``flock`` on the run folder, held while this process works in it."""
+
+    def __init__(self, folder: Path):
+        self.fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ColaprobError(
+                f"another colaprob process is working on {folder} (its lock is held); wait for it to finish, "
+                "or choose another --output."
+            ) from None
+
+    def release(self) -> None:
+        os.close(self.fd)  # closing the descriptor releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +168,12 @@ def _finished(output: Path, plan: Plan) -> bool:
     return attrs is not None and attrs.get(RUN_KEY) == plan.key
 
 
-def _refuse_other_run(output: Path, folder: Path, plan: Plan) -> None:
+def _refuse_other_run(output: Path, folder: Path, plan: Plan) -> bool:
+    """Raise if ``output`` or its run folder belongs to another run; False otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise ColaprobError(f"{folder}, where this run keeps its batches, is taken by a file; move that file away or choose another --output.")
+    if output.exists() and not output.is_file():
+        raise ColaprobError(f"cannot write results to {output}: it is not a regular file; give a file name.")
     if output.exists():
         attrs = _attrs_of(output)
         if attrs is None or RUN_KEY not in attrs:
@@ -166,17 +200,36 @@ def _refuse_other_run(output: Path, folder: Path, plan: Plan) -> None:
             f"{folder} exists but is not a colaprob run folder; remove it, pass --overwrite, "
             "or choose another --output."
         )
+    return False
 
 
-def _prepare_folder(output: Path, folder: Path, plan: Plan, overwrite: bool) -> None:
+def _claim_folder(output: Path, folder: Path, plan: Plan, overwrite: bool, held: list) -> bool:
+    """Create and lock the run folder (appending the lock to ``held``) and record the
+    settings; with ``overwrite``, an unfinished run there is cleared (a finished ``output``
+    stays until the new one replaces it). True if, once locked, ``output`` turns out to hold
+    this run's result already (another process finished it meanwhile)."""
+    try:
+        for attempt in range(3):  # a process that just finished may remove the folder meanwhile
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                held.append(RunLock(folder))
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+    except FileExistsError:
+        raise ColaprobError(f"{folder}, where this run keeps its batches, is taken by a file; move that file away or choose another --output.") from None
+    except OSError as err:
+        raise ColaprobError(results.write_failure(folder, err)) from None
+    if not overwrite and _finished(output, plan):
+        return True
     if overwrite:
-        output.unlink(missing_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        for entry in folder.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     results.remove_stale_temp_files(folder)
     manifest = {RUN_KEY: plan.key, "settings": plan.record}
     results.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", folder / MANIFEST)
+    return False
 
 
 def _attrs_of(path: Path) -> dict | None:

@@ -13,6 +13,9 @@ text's tokens plus one (the eos).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +37,8 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
+        self.source = "the tokenizer"
+        self._longest_entry: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
@@ -41,9 +46,14 @@ class Tokenizer:
         if not path.is_file():
             raise ColaprobError(f"{path} does not exist; a checkpoint needs its tokenizer.json.")
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)))
+            tokenizer = cls(tokenizers.Tokenizer.from_file(str(path)))
         except Exception as err:  # the Rust library raises a bare Exception
-            raise ColaprobError(f"{path} is not a valid tokenizers JSON file ({err}).") from None
+            raise ColaprobError(f"{path} is not a valid tokenizers JSON file ({_first_line(err)}).") from None
+        except BaseException as err:
+            _reraise_unless_library_failure(err)
+            raise ColaprobError(f"{path} crashed the tokenizers library while loading ({_first_line(err)}); the file is not usable.") from None
+        tokenizer.source = str(path)
+        return tokenizer
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))
@@ -53,19 +63,87 @@ class Tokenizer:
         """Number of ids, special tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of ``text``, without tokenizing it: no token stands for
+        more characters than the longest entry of the vocabulary (for a byte-level BPE an
+        entry's characters are bytes, at least as many as the text's characters). Lets a
+        text far over a limit be refused at once instead of after minutes of BPE merges."""
+        if self._longest_entry is None:
+            self._longest_entry = max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
+        return -(-len(text) // self._longest_entry)
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without any special token a template might add (framing adds
         its own)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        """Token ids of each text. Whatever goes wrong inside the tokenizers library (an
+        error, a Rust panic such as a regex that backtracks without end, a text that is not
+        valid Unicode) is one ``ColaprobError``."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be strings, but item {i} is {type(text).__name__}.")
+        try:
+            with _native_stderr_silenced():
+                return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except BaseException as err:
+            _reraise_unless_library_failure(err)
+            bad = next((i for i, t in enumerate(texts) if not _valid_unicode(t)), None)
+            if bad is not None:
+                raise ColaprobError(f"text {bad} holds a lone surrogate, which is not a character; fix the text.") from None
+            raise ColaprobError(f"{self.source} failed to tokenize the text ({_first_line(err)}); the tokenizer cannot be used on it.") from None
 
     def decode(self, ids) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        try:
+            return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+        except BaseException as err:
+            _reraise_unless_library_failure(err)
+            raise ColaprobError(f"{self.source} failed to decode token ids ({_first_line(err)}).") from None
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 sent to /dev/null while the Rust library runs: a panic there prints
+    its message and a backtrace straight to the descriptor, which the caller turns into one
+    sentence instead."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _reraise_unless_library_failure(err: BaseException) -> None:
+    # The library's errors are plain Exceptions and its Rust panics pyo3's PanicException (a
+    # BaseException); anything else (Ctrl-C, an alarm) is not the tokenizer's failure.
+    if type(err).__name__ != "PanicException" and not (type(err) is Exception or isinstance(err, (TypeError, ValueError))):
+        raise err
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
 
 
 def _byte_chars() -> list[str]:
@@ -138,8 +216,12 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
     With ``prompts``, sequence ``i`` is prompt ``i`` and text ``i`` each tokenized on its own
     (as generation conditions on a prompt), then framed as one text; the counts cover both.
     """
-    if isinstance(texts, str):
-        raise ColaprobError("frame() takes a list of texts, not a single string.")
+    # An empty text still frames to [bos, eos]; only with neither would it be an empty sequence.
+    _check_texts(texts, "texts", allow_empty=framing.bos_id is not None or framing.eos_id is not None)
+    if prompts is not None:
+        _check_texts(prompts, "prompts", allow_empty=True)
+        if len(prompts) != len(texts):
+            raise ValueError(f"prompts and texts must be as many, got {len(prompts)} and {len(texts)}.")
     token_lists = tokenizer.encode_batch(texts)
     if prompts is not None:
         token_lists = [p + t for p, t in zip(tokenizer.encode_batch(prompts), token_lists)]
@@ -170,6 +252,20 @@ def frame(tokenizer: Tokenizer, framing: Framing, texts: list[str], multiple: in
     )
 
 
+def _check_texts(texts, name: str, allow_empty: bool = False) -> None:
+    """A non-empty list of strings (each non-empty unless ``allow_empty``): a sequence of no
+    tokens has no log-likelihood to report, so it is refused rather than scored as a silent 0."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"{name} must be a list of strings, not {type(texts).__name__}.")
+    if not texts:
+        raise ValueError(f"{name} is an empty list; give at least one text.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{i}] is {type(text).__name__}, not a string.")
+        if not text and not allow_empty:
+            raise ValueError(f"{name}[{i}] is empty, and this framing adds no bos or eos: it would be a sequence of no tokens.")
+
+
 class Counts(NamedTuple):
     """The unit denominators of part of a text: [B] tokens (with the eos), bytes, words."""
 
@@ -184,6 +280,7 @@ def frame_pairs(
     """Prompt-response pairs framed for prefix-response scoring: the joint sequences (see
     ``frame``), the framed length of each prefix (bos and prompt tokens) [B], and the
     response's own counts (its tokens plus the eos, bytes, words) for the conditional's units."""
+    _check_texts(prompts, "prompts", allow_empty=True)
     batch = frame(tokenizer, framing, responses, multiple, prompts=prompts)
     prompt_tokens = torch.tensor([len(ids) for ids in tokenizer.encode_batch(prompts)], dtype=torch.long)
     response = Counts(

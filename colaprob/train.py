@@ -381,6 +381,17 @@ def make_optimizer(model: ColaModel, config: TrainConfig) -> torch.optim.AdamW:
 # The loop
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Fail before training, not after it: ``folder`` is created if needed and must take a file."""
+    from colaprob.results import check_writable, write_failure
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ColaprobError(write_failure(folder, err)) from None
+    check_writable(folder / "probe")
+
+
 def train(
     model: ColaModel,
     config: TrainConfig,
@@ -406,7 +417,8 @@ def train(
     work_dir = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     if (out_dir / "colaprob.json").exists():
         raise ColaprobError(f"{out_dir} already holds a trained model; choose another output folder or delete it.")
-    work_dir.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out_dir.parent)
+    check_writable_folder(work_dir)
     checkpoint, log_path = work_dir / CHECKPOINT, work_dir / LOG
     data = model.frame([d.text for d in train_docs])
     if len(data) < config.batch_size:

@@ -84,7 +84,8 @@ def test_sharded_bf16_and_flat_layouts(saved, tmp_path):
     for k, v in model.dit.state_dict().items():
         assert loaded.dit.state_dict()[k].dtype == torch.float32
         assert torch.equal(loaded.dit.state_dict()[k], v.to(torch.bfloat16).float()), k
-    assert loaded.framing == Framing(bos_id=256, eos_id=256, pad_id=257)  # no colaprob.json: official defaults
+    # no colaprob.json: the official framing, with the official training context
+    assert loaded.framing == Framing(bos_id=256, eos_id=256, pad_id=257, max_tokens=checkpoint.OFFICIAL_CONTEXT)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

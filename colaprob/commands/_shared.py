@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,12 @@ from colaprob.errors import ColaprobError
 
 WINDOW_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
 FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
+TOLERANCE_FLOOR = 1e-7
+SEED_LIMIT = 2**63
+MAX_SAMPLES = 2**20
+"""-K, posterior samples: a million already takes days on the embedded model."""
+MAX_THREADS_PER_CORE = 4
+MAX_STEPS = 100_000
 ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", *FIXED_GRID_METHODS)
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +52,50 @@ def tolerance(text: str) -> float:
     value = _parse(float, text, "a number")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    if value < TOLERANCE_FLOOR:
+        raise argparse.ArgumentTypeError(
+            f"{text} is below {TOLERANCE_FLOOR:g}: the model computes in float32 (machine epsilon 1.2e-7), so no solver "
+            "step can meet a tighter tolerance"
+        )
     return value
+
+
+def finite_float(text: str) -> float:
+    value = _parse(float, text, "a number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = non_negative_int(text)
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be below 2**63 (a seed is a 63-bit integer), got {text}")
+    return value
+
+
+def samples(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SAMPLES:,} (2**20); got {value:,}")
+    return value
+
+
+def threads(text: str) -> int:
+    value = positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > MAX_THREADS_PER_CORE * cores:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS_PER_CORE * cores} ({MAX_THREADS_PER_CORE} per CPU core of this machine); got {value}")
+    return value
+
+
+def memory_size(text: str) -> int:
+    from colaprob.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse(kind, text: str, what: str):
@@ -63,6 +113,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "the embedded model (default)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: a GPU if torch sees one)")
+    parser.add_argument(
+        "--max-memory",
+        type=memory_size,
+        default=None,
+        help="refuse a run whose estimated peak memory exceeds this (8G, 512M, ...; default: the free memory of the device)",
+    )
     add_threads_option(parser)
 
 
@@ -70,7 +126,7 @@ def add_threads_option(parser) -> None:
     """``--threads``, applied by ``colaprob.cli.main`` before the command runs."""
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads,
         help="CPU threads for torch (default: torch's choice; on a busy machine 1 is often fastest for a small model)",
     )
 
@@ -102,7 +158,7 @@ def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "ex
         default=default_trace,
         help=f"divergence along the flow: exact (block_size*d VJPs per step) or Hutchinson probes (default: {default_trace})",
     )
-    group.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per solve (default: 1)")
+    group.add_argument("--probes", type=positive_int, default=1, help="Hutchinson probes per solve, at most block_size * latent_dim (the exact trace's cost) (default: 1)")
     group.add_argument("--rtol", type=tolerance, default=default_tolerance, help=f"ODE relative tolerance of an adaptive method (default: {default_tolerance:g})")
     group.add_argument("--atol", type=tolerance, default=default_tolerance, help=f"ODE absolute tolerance of an adaptive method (default: {default_tolerance:g})")
     group.add_argument(
@@ -131,7 +187,7 @@ def cnf_options(args: argparse.Namespace) -> dict:
 def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path(default_output), help=f"result file (default: {default_output})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing result or unfinished run made with other settings")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed, a non-negative integer (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed, an integer in [0, 2**63) (default: 0)")
     parser.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -206,13 +262,17 @@ def fingerprint(documents: Sequence) -> str:
 
 def framed_length_fn(model) -> Callable[..., int]:
     """``(text, prompt=None) -> framed length in tokens`` for ``model``: bos, the prompt's
-    tokens, the text's tokens, eos, padding to whole blocks (as ``model.frame`` counts)."""
+    tokens, the text's tokens, eos, padding to whole blocks (as ``model.frame`` counts). For a
+    text that cannot fit the context, a lower bound (still over the context) instead."""
     framing = model.framing
     multiple = model.patch_size * model.block_size
     extra = (framing.bos_id is not None) + (framing.eos_id is not None)
 
     def framed_length(text: str, prompt: str | None = None) -> int:
-        n = len(model.tokenizer.encode(text)) + len(model.tokenizer.encode(prompt or "")) + extra
+        # A text surely over the context is not tokenized: its lower bound is over already.
+        n = model.tokenizer.fewest_tokens(text) + model.tokenizer.fewest_tokens(prompt or "") + extra
+        if framing.max_tokens is None or n <= framing.max_tokens:
+            n = len(model.tokenizer.encode(text)) + len(model.tokenizer.encode(prompt or "")) + extra
         return n + (-n % multiple)
 
     return framed_length
@@ -227,7 +287,45 @@ def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_to
         n = framed_length(doc.text, doc.prompt)
         if n > max_tokens:
             advice = "shorten the pair" if doc.prompt is not None else "shorten it or pass --split to score it in windows"
-            raise ColaprobError(f"document {i} is {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
+            raise ColaprobError(f"document {i} is at least {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
+
+
+def preflight(args, model, rows: Sequence["Row"], device, what: str) -> None:
+    """The checks of the settings against the model and the corpus, before any work: the
+    sample counts, the fixed grid's steps, the Hutchinson probes (more than ``block_size * latent_dim`` would cost
+    more than the exact trace), an output that is one of the inputs, and the estimated peak
+    memory of one batch (``colaprob.memory``) against ``--max-memory`` or the free memory."""
+    from colaprob import memory
+
+    samples = max(getattr(args, name, 0) or 0 for name in ("samples", "posterior_samples", "prior_samples"))
+    if samples > MAX_SAMPLES:
+        raise ColaprobError(f"{samples:,} samples is more than the {MAX_SAMPLES:,} (2**20) colaprob takes; a run that large would not finish.")
+    if getattr(args, "steps", None) is not None and args.steps > MAX_STEPS:
+        raise ColaprobError(
+            f"--steps {args.steps:,} is more than the {MAX_STEPS:,} a fixed grid may take; far fewer already bring the "
+            "discretisation error below float32 rounding."
+        )
+    exact_cost = model.block_size * model.latent_dim
+    if args.trace == "hutchinson" and args.probes > exact_cost:
+        raise ColaprobError(
+            f"--probes {args.probes} is more than block_size x latent_dim = {exact_cost}, the vector-Jacobian products of "
+            "the exact trace; use --trace exact, which is cheaper and has no variance."
+        )
+    check_output_is_not_an_input(args.output, args.inputs)
+    framed_length = framed_length_fn(model)
+    tokens = max(framed_length(row.document.text, row.document.prompt) for row in rows)
+    chunk = min(getattr(args, "chunk_size", None) or samples or 1, samples or 1)
+    work = memory.Workload(batch=min(args.batch_size, len(rows)), tokens=tokens, chunk=chunk, probes=args.probes if args.trace == "hutchinson" else None)
+    memory.check_fits(model, work, args.max_memory, device, what)
+
+
+def check_output_is_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output (or its run folder) that is one of the input files: writing the
+    result would destroy the text it is computed from."""
+    target = Path(output).resolve()
+    for path in inputs:
+        if str(path) != "-" and Path(path).resolve() in (target, target.with_name(target.name + ".run")):
+            raise ColaprobError(f"the output {output} is the input file {path}; choose another --output, or the input would be overwritten.")
 
 
 class Row:
@@ -347,6 +445,20 @@ def plus_minus(value: float, se: float) -> str:
     return f"{value:.4g} ± {se:.2g}"
 
 
+def refuse_non_finite(ds, output) -> None:
+    """Refuse to summarise a result with a non-finite log-likelihood: name its rows and the
+    likely causes (the file stays, so the rows can be inspected)."""
+    values = np.asarray(ds["log_likelihood"].values, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        shown = ", ".join(str(i) for i in bad[:10]) + (f" and {bad.size - 10} more" if bad.size > 10 else "")
+        raise ColaprobError(
+            f"{output} holds a non-finite log-likelihood (NaN or infinite) in row(s) {shown}, so no corpus figure is "
+            "printed; likely causes are weights or a configuration that give NaN (check colaprob inspect) or an ODE "
+            "solve that diverged (try --method rk4 --steps 32)."
+        )
+
+
 def print_json(summary: dict) -> None:
     """``summary`` as strict JSON on stdout: NaN and infinities become null."""
     print(json.dumps(_finite(summary), indent=2, sort_keys=True, allow_nan=False))
@@ -376,37 +488,46 @@ def run_whole_corpus(args, name: str, compute: Callable, settings: dict, finish:
     checks, provenance, atomic output and refusal of other settings as ``score``. A
     diagnostic such as the aggregate posterior needs every sequence at once, so it is not
     split into shards. Returns the dataset on rank 0, else None."""
-    from colaprob import distributed, results, runner
+    from colaprob import distributed
 
     ctx = distributed.from_environment(args.device)
     try:
-        documents = read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
-        if any(doc.prompt is not None for doc, _ in documents):
-            raise ColaprobError(f"{name} takes plain texts, but the input holds prompt-response pairs.")
-        model, identity = load_model(args.model, ctx.device)
-        rows = cut_rows(model, documents, args.split)
-        if len(rows) < min_sequences:
-            raise ColaprobError(
-                f"{name} needs at least {min_sequences} documents, but the input holds {len(rows)}; "
-                "give more text (--per-line makes every line a document)."
-            )
-        results.check_writable(args.output)
-        record = {
-            **identity,
-            "inputs": [path.name for path in args.inputs],
-            "input_fingerprint": fingerprint([row.document for row in rows]),
-            "diagnostic": name,
-            **settings,
-            "seed": args.seed,
-            "device_type": ctx.device.type,
-            "windows": windows_note(rows),
-        }
-        plan = runner.Plan(record, n_items=len(rows), batch_size=len(rows))
-
-        def compute_all(items: range):
-            batch = model.frame([rows[i].document.text for i in items])
-            return compute(model, batch).assign(row_variables(rows))
-
-        return runner.run(plan, compute_all, args.output, finish=finish, ctx=ctx, overwrite=args.overwrite, progress=False)
+        return ctx.agree(lambda: _prepare_whole_corpus(args, ctx, name, compute, settings, finish, min_sequences))()
     finally:
         distributed.shutdown(ctx)
+
+
+def _prepare_whole_corpus(args, ctx, name, compute, settings, finish, min_sequences):
+    """Every check of ``run_whole_corpus``; returns the run itself, to start once every rank
+    has passed them."""
+    from colaprob import results, runner
+
+    documents = read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
+    if any(doc.prompt is not None for doc, _ in documents):
+        raise ColaprobError(f"{name} takes plain texts, but the input holds prompt-response pairs.")
+    model, identity = load_model(args.model, ctx.device)
+    rows = cut_rows(model, documents, args.split)
+    if len(rows) < min_sequences:
+        raise ColaprobError(
+            f"{name} needs at least {min_sequences} documents, but the input holds {len(rows)}; "
+            "give more text (--per-line makes every line a document)."
+        )
+    preflight(args, model, rows, ctx.device, name)
+    results.check_writable(args.output)
+    record = {
+        **identity,
+        "inputs": [path.name for path in args.inputs],
+        "input_fingerprint": fingerprint([row.document for row in rows]),
+        "diagnostic": name,
+        **settings,
+        "seed": args.seed,
+        "device_type": ctx.device.type,
+        "windows": windows_note(rows),
+    }
+    plan = runner.Plan(record, n_items=len(rows), batch_size=len(rows))
+
+    def compute_all(items: range):
+        batch = model.frame([rows[i].document.text for i in items])
+        return compute(model, batch).assign(row_variables(rows))
+
+    return lambda: runner.run(plan, compute_all, args.output, finish=finish, ctx=ctx, overwrite=args.overwrite, progress=False)

@@ -93,7 +93,11 @@ def claim_folder(out: Path, settings: dict, overwrite: bool) -> None:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     manifest = out / MANIFEST
     if manifest.exists() and not overwrite:
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        except (ValueError, OSError, RecursionError):
+            raise ColaprobError(f"{manifest} is unreadable or not JSON; delete it, pass --overwrite, or choose another --output-dir.") from None
+        recorded = recorded if isinstance(recorded, dict) else {}
         if recorded.get(runner.RUN_KEY) != key:
             raise ColaprobError(
                 f"{out} holds a demo made with other settings ({runner.describe_difference(recorded.get('settings', {}), settings)}); "

@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     ctx = distributed.from_environment(args.device)
     try:
-        job = prepare(args, ctx)
+        job = ctx.agree(lambda: prepare(args, ctx))
         merged = runner.run(
             job.plan, job.score_batch, args.output, finish=finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet
         )
@@ -84,6 +84,7 @@ def prepare(args, ctx) -> "Job":
     estimator = choose_estimator(args.estimator, [doc for doc, _ in documents])
     model, identity = _shared.load_model(args.model, ctx.device)
     rows = _shared.cut_rows(model, documents, args.split)
+    _shared.preflight(args, model, rows, ctx.device, "scoring")
     results.check_writable(args.output)
     return Job(args, ctx, model, identity, rows, estimator, cnf_options)
 
@@ -193,6 +194,7 @@ def short_name(ds: xr.Dataset) -> str:
 
 
 def report(ds: xr.Dataset, args) -> None:
+    _shared.refuse_non_finite(ds, args.output)
     row = summary(ds, args.output)
     if args.json:
         _shared.print_json(row)

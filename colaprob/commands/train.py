@@ -10,6 +10,7 @@ are cut into paragraph pieces that fit. The model is saved in the official layou
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shlex
 import sys
@@ -21,6 +22,7 @@ from colaprob.commands import _shared
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.data import MODES, Document, chunk_paragraph, embedded_corpus, read_documents
 from colaprob.errors import ColaprobError
+from colaprob.memory import available_bytes, human
 from colaprob.model import DECODER_SPACES, ColaModel
 from colaprob.tokenizer import END_OF_TEXT, PAD, Framing, byte_level_tokenizer
 from colaprob.train import TrainConfig, init_weights, train
@@ -59,20 +61,36 @@ def add_arguments(parser) -> None:
 
     net = parser.add_argument_group("model")
     for option, _, default, help in VAE_OPTIONS + DIT_OPTIONS:
-        net.add_argument(option, type=int, default=default, help=f"{help} (default {default})")
-    net.add_argument("--max-tokens", type=int, default=64, help="longest framed sequence, in tokens (default 64)")
+        net.add_argument(option, type=network_size, default=default, help=f"{help} (default {default})")
+    net.add_argument("--max-tokens", type=network_size, default=64, help="longest framed sequence, in tokens (default 64)")
     net.add_argument("--decoder-space", choices=DECODER_SPACES, default="vae", help="latents the decoder reads (default vae)")
 
     run = parser.add_argument_group("training")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         option = "--" + f.name.replace("_", "-")
-        kind = _parse_floats if f.name == "block_size_probs" else hints[f.name]
+        kind = _parse_floats if f.name == "block_size_probs" else OPTION_TYPES.get(hints[f.name], hints[f.name])
+        if f.name == "seed":
+            kind = _shared.seed
         run.add_argument(option, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
 
 
 def _parse_floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+    return tuple(_shared.finite_float(x) for x in text.split(","))
+
+
+MAX_NETWORK_SIZE = 1 << 16
+"""Widths, head counts, layer counts and contexts above 65,536 are refused: such a model would
+not be trained on one machine, and building its layers could take hours before failing."""
+OPTION_TYPES = {float: _shared.finite_float, int: _shared.non_negative_int}
+TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and Adam's two moments
+
+
+def network_size(text: str) -> int:
+    value = _shared.positive_int(text)
+    if value > MAX_NETWORK_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NETWORK_SIZE:,}; got {value:,}")
+    return value
 
 
 def build_model(args) -> ColaModel:
@@ -94,6 +112,14 @@ def build_model(args) -> ColaModel:
     )
     vae.validate("the VAE options")
     dit.validate("the DiT options")
+    with torch.device("meta"):  # count the parameters before allocating them
+        n_parameters = sum(p.numel() for p in ColaModel(vae, dit, tokenizer, framing, decoder_space=args.decoder_space).parameters())
+    free = available_bytes("cpu")
+    if free is not None and n_parameters * TRAINING_BYTES_PER_PARAMETER > free:
+        raise ColaprobError(
+            f"these network options make {n_parameters:,} parameters, whose weights, gradients and optimizer state "
+            f"({human(n_parameters * TRAINING_BYTES_PER_PARAMETER)}) exceed the free memory ({human(free)}); choose a smaller network."
+        )
     model = ColaModel(vae, dit, tokenizer, framing, decoder_space=args.decoder_space)
     init_weights(model, args.seed)
     return model
