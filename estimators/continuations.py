@@ -383,15 +383,15 @@ def _dataset(model, batch, keys, joint, context, settings, cost, n_samples, seed
     I, C = batch.n_items, batch.n_choices
     grid = lambda: np.full((I, C, n_samples), np.nan)
     lw, lwc = grid(), grid()
-    lw[batch.item, batch.choice] = joint.T.numpy()
-    lwc[batch.item, batch.choice] = context.T.numpy()
+    lw[batch.item.numpy(), batch.choice.numpy()] = joint.T.numpy()
+    lwc[batch.item.numpy(), batch.choice.numpy()] = context.T.numpy()
     dims = ("item", "choice", "sample")
     coords = {"item": keys.numpy(), "choice": np.arange(C), "sample": np.arange(n_samples)}
     ds = xr.Dataset({"log_weight": (dims, lw), "log_weight_context": (dims, lwc)}, coords=coords)
 
     def per_row(values, fill, dtype):
         out = np.full((I, C), fill, dtype=dtype)
-        out[batch.item, batch.choice] = values.numpy()
+        out[batch.item.numpy(), batch.choice.numpy()] = values.numpy()
         return (("item", "choice"), out)
 
     ds["choice_valid"] = per_row(torch.ones(len(batch.item), dtype=torch.bool), False, bool)
