@@ -69,3 +69,19 @@ def test_bad_documents_are_refused_naming_the_argument(tiny):
         rolling_log_prob(tiny, "a text", 2)
     with pytest.raises(ValueError, match="document_ids"):
         rolling_log_prob(tiny, ["a"], 2, document_ids=[-1])
+
+
+def test_score_refuses_rolling_with_split_or_another_estimator_or_pairs(tmp_path):
+    from cli_support import run_cli
+
+    text = tmp_path / "a.txt"
+    text.write_text("some text")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"prompt": "a", "ground_truth": " b"}\n')
+    for argv, message in (
+        ((text, "--rolling", "--split"), "--rolling and --split window a text in two different ways"),
+        ((text, "--rolling", "--estimator", "iwae"), "--rolling is its own estimator"),
+        ((pairs, "--rolling"), "--estimator rolling scores plain texts"),
+    ):
+        outcome = run_cli("score", *argv, "-o", tmp_path / "s.nc")
+        assert outcome.code == 2 and message in outcome.err and "Traceback" not in outcome.err, outcome.err
