@@ -139,7 +139,7 @@ class ColaprobLM(LM):
         ds = continuation_log_prob(
             self.model, contexts, choices, self.settings.samples, item_ids=[key for (key, _), _ in items], **self.settings.estimator_options()
         )
-        greedy = self._greedy(contexts, choices)
+        greedy = self._greedy(contexts, choices, [key for (key, _), _ in items])
         out: list = [None] * len(requests)
         for i, (_, members) in enumerate(items):
             for j, r in enumerate(members):
@@ -147,16 +147,17 @@ class ColaprobLM(LM):
                 self.cache_hook.add_partial("loglikelihood", requests[r].args, out[r])
         return out
 
-    def _greedy(self, contexts: list[str], choices: list[list[str]]) -> list[list[bool]]:
-        """Whether the deterministic decode from each context begins with each choice."""
+    def _greedy(self, contexts: list[str], choices: list[list[str]], keys: list[int]) -> list[list[bool]]:
+        """Whether the deterministic decode from each context begins with each choice; the
+        starting noise of item ``i`` is seeded by the seed and ``keys[i]``."""
         if not self.settings.greedy:
             return [[False] * len(c) for c in choices]
         out = []
-        for i, (context, options) in enumerate(zip(contexts, choices)):
+        for context, options, key in zip(contexts, choices, keys):
             moved = [move_trailing_space(context, option) for option in options]
             longest = max(len(self.model.tokenizer.encode(cont)) for _, cont in moved)
             sampling = Sampling(max_new_tokens=longest, steps=self.settings.gen_steps, guidance=self.settings.guidance)
-            text = generate(self.model, [moved[0][0]], sampling, seed=self.settings.seed * 1_000_003 + i)[0]
+            text = generate(self.model, [moved[0][0]], sampling, seed=self.settings.seed * 1_000_003 + key)[0]
             out.append([text.startswith(cont) for _, cont in moved])
         return out
 

@@ -16,22 +16,25 @@ a word too long to fit alone is cut between tokens. "Fits" is decided by a token
 the window's text alone (``token_budget``).
 
 Linear time: the text is tokenized once; the token offsets give, for any span, an estimate
-of its token count (the tokens that start inside it), and a pointer walks the words forward
-once. Each chosen window is then tokenized on its own, as it will be framed; a tokenizer that
-merges across the cut can make that count exceed the estimate by a few tokens, and the window
-is then shortened by the overflow and checked again. Every character is tokenized a bounded
+of its token count (the tokens that start inside it), and each window's last word is found by
+a binary search over the words' cumulative counts. The chosen windows are then tokenized on
+their own, as they will be framed, in batches; a tokenizer that merges across the cut can make
+that count exceed the estimate by a few tokens, and the window is then shortened by the
+overflow and checked again. Every character is tokenized a bounded
 number of times, so a 1 MB line is cut in seconds (tests/test_windows.py measures it).
 """
 
 from __future__ import annotations
 
-import bisect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+import numpy as np
 
 from colaprob.errors import ColaprobError
 
 MODES = ("independent", "chain")
+ROUND = 256  # windows tokenized together in one batch
 INDEPENDENT_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
 CHAIN_NOTE = (
     "documents longer than max_tokens were cut into windows scored as a chain log p(w_1) + sum_j log p(w_j | w_(j-1)), "
@@ -52,16 +55,19 @@ def cut_rows(model, documents, mode: str | None) -> list[Row]:
     Prompt-response pairs are never cut."""
     from colaprob.data import Document
 
-    budget = None if mode is None else token_budget(model, mode)
-    tokenize = model_tokenize(model)
     rows = []
     for i, (doc, source) in enumerate(documents):
-        pieces = [doc.text] if budget is None or doc.prompt is not None else cut(doc.text, tokenize, budget, mode)
+        pieces = [doc.text] if mode is None or doc.prompt is not None else cut_for(model, doc.text, mode)
         if len(pieces) == 1:
             rows.append(Row(doc, i, 0, source))
         else:
             rows += [Row(Document(piece), i, w, source) for w, piece in enumerate(pieces)]
     return rows
+
+
+def cut_for(model, text: str, mode: str) -> list[str]:
+    """``cut`` with ``model``'s tokenizer and the budget of ``mode`` under its framing."""
+    return cut(text, model_tokenize(model), token_budget(model, mode), mode, model_lengths(model))
 
 
 def model_tokenize(model) -> Callable[[str], tuple[list[int], list[tuple[int, int]]]]:
@@ -73,6 +79,11 @@ def model_tokenize(model) -> Callable[[str], tuple[list[int], list[tuple[int, in
         return encoding.ids, encoding.offsets
 
     return tokenize
+
+
+def model_lengths(model) -> Callable[[list[str]], list[int]]:
+    """``texts -> token counts`` with the model's tokenizer, in one batch call."""
+    return lambda texts: [len(ids) for ids in model.tokenizer.encode_batch(texts)]
 
 
 def token_budget(model, mode: str) -> int | None:
@@ -95,39 +106,63 @@ def token_budget(model, mode: str) -> int | None:
     return room // 2
 
 
-def cut(text: str, tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]], budget: int | None, mode: str) -> list[str]:
+def cut(
+    text: str,
+    tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]],
+    budget: int | None,
+    mode: str,
+    lengths: Callable[[list[str]], list[int]] | None = None,
+) -> list[str]:
     """``text`` cut into windows of at most ``budget`` tokens each (module docstring).
 
     ``tokenize(text) -> (ids, offsets)``: the token ids and each token's character span
     ``(start, end)`` in ``text`` (a character split into several tokens gives them the same
-    span). ``budget`` None: the whole text is one window."""
+    span); ``lengths(texts)``: the number of tokens of each text (default: by ``tokenize``;
+    a tokenizer's batch call is faster). ``budget`` None: the whole text is one window."""
+    lengths = lengths or (lambda texts: [len(tokenize(t)[0]) for t in texts])
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if budget is None:
         return [text]
     if budget < 1:
         raise ColaprobError("the model's max_tokens is too small to hold even one token of text once framed.")
-    ids, offsets = tokenize(text)
-    starts = [start for start, _ in offsets]
-    count = lambda a, b: bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)  # tokens starting in [a, b)
+    _, offsets = tokenize(text)
+    starts = np.array([start for start, _ in offsets], dtype=np.int64)
+    first_token = lambda positions: np.searchsorted(starts, positions)  # the first token starting at or after each position
+    count = lambda a, b: int(first_token(b) - first_token(a))  # tokens starting in [a, b)
     measure = lambda a, b: len(tokenize(text[a:b])[0])
-    pieces = []
-    for start, end in _words(text, mode):
-        pieces += _cut_word(start, end, starts, count, measure, budget)
+    words = np.array(_words(text, mode), dtype=np.int64).reshape(-1, 2)
+    # Only a word long by the whole text's count can need cutting (``_cut_word``).
+    long = np.nonzero(first_token(words[:, 1]) - first_token(words[:, 0]) > budget // 2)[0]
+    cuts = {int(i): _cut_word(int(words[i, 0]), int(words[i, 1]), starts, count, measure, budget) for i in long}
+    pieces = np.array([p for i, w in enumerate(words.tolist()) for p in cuts.get(i, [w])], dtype=np.int64).reshape(-1, 2) if cuts else words
+    lo, hi = first_token(pieces[:, 0]), first_token(pieces[:, 1])  # pieces first..last hold hi[last] - lo[first] tokens
     windows, first = [], 0
     while first < len(pieces):
-        last, allowance = first, budget
+        # Up to ROUND windows by the whole text's count, then each tokenized on its own in one
+        # batch; the first that tokenizes longer is shortened, and the next round starts after it.
+        run, f = [], first
+        while f < len(pieces) and len(run) < ROUND:
+            last = max(f, int(np.searchsorted(hi, lo[f] + budget, side="right")) - 1)
+            run.append((f, last))
+            f = last + 1
+        sizes = lengths([text[pieces[f, 0] : pieces[last, 1]] for f, last in run])
+        fitting = next((k for k, n in enumerate(sizes) if n > budget), len(run))
+        windows += [text[pieces[f, 0] : pieces[last, 1]] for f, last in run[:fitting]]
+        if fitting == len(run):
+            first = run[-1][1] + 1
+            continue
+        f, last = run[fitting]
+        allowance = budget - (sizes[fitting] - budget)
         while True:
-            last = _furthest(pieces, first, last, count, allowance)
-            a, b = pieces[first][0], pieces[last][1]
-            overflow = measure(a, b) - budget
+            if last == f:  # a piece that fit alone when it was made
+                raise ColaprobError(f"the text around character {int(pieces[f, 0])} cannot be cut into windows of {budget} tokens.")
+            last = max(f, int(np.searchsorted(hi, lo[f] + allowance, side="right")) - 1)
+            overflow = measure(int(pieces[f, 0]), int(pieces[last, 1])) - budget
             if overflow <= 0:
                 break
-            if last == first:  # a piece that fit alone when it was made
-                raise ColaprobError(f"the text around character {a} cannot be cut into windows of {budget} tokens.")
             allowance -= overflow  # the window alone tokenizes longer than its span did: shorten it
-            last = first
-        windows.append(text[pieces[first][0] : pieces[last][1]])
+        windows.append(text[pieces[f, 0] : pieces[last, 1]])
         first = last + 1
     return windows
 
@@ -145,36 +180,26 @@ def _words(text: str, mode: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _cut_word(start: int, end: int, starts: list[int], count, measure, budget: int) -> list[tuple[int, int]]:
+def _cut_word(start: int, end: int, starts: np.ndarray, count, measure, budget: int) -> list[tuple[int, int]]:
     """``[start, end)`` as spans that each fit ``budget`` tokens on their own: the word
     itself, or, if it is too long, runs of its tokens cut where a token starts (never inside
-    a character). A word well inside the budget by the whole text's count is not tokenized
-    again here (the window that holds it is)."""
-    if count(start, end) <= budget // 2 or measure(start, end) <= budget:
+    a character)."""
+    if measure(start, end) <= budget:
         return [(start, end)]
     spans, a = [], start
     while a < end:
         allowance = budget
         while True:
-            k = bisect.bisect_left(starts, a) + allowance  # the first token left out
-            stop = min(end, starts[k]) if k < len(starts) else end
+            k = int(np.searchsorted(starts, a)) + allowance  # the first token left out
+            stop = min(end, int(starts[k])) if k < len(starts) else end
             if stop <= a:
-                raise ColaprobError(f"the model's max_tokens is too small to hold even one character (at {a}) once framed.")
+                raise ColaprobError(f"the model's max_tokens is too small to hold even one character (character {a} of the text) once framed.")
             overflow = measure(a, stop) - budget
             if overflow <= 0:
                 break
             allowance -= overflow
             if allowance < 1:
-                raise ColaprobError(f"the model's max_tokens is too small to hold even one character (at {a}) once framed.")
+                raise ColaprobError(f"the model's max_tokens is too small to hold even one character (character {a} of the text) once framed.")
         spans.append((a, stop))
         a = stop
     return spans
-
-
-def _furthest(pieces: Sequence[tuple[int, int]], first: int, last: int, count, allowance: int) -> int:
-    """The last piece index ``>= last`` such that pieces ``first..`` it hold at most
-    ``allowance`` tokens by the whole text's tokenization (at least ``first``)."""
-    a = pieces[first][0]
-    while last + 1 < len(pieces) and count(a, pieces[last + 1][1]) <= allowance:
-        last += 1
-    return last

@@ -66,8 +66,7 @@ def rolling_log_prob(
         if not text:
             raise ValueError(f"documents[{i}] is empty; a chain needs at least one character")
     keys = _document_keys(len(documents), document_ids)
-    tokenize, budget = windowing.model_tokenize(model), windowing.token_budget(model, "chain")
-    cut = [windowing.cut(text, tokenize, budget, "chain") for text in documents]
+    cut = [windowing.cut_for(model, text, "chain") for text in documents]
     contexts = [w[j - 1] if j else "" for w in cut for j in range(len(w))]
     continuations = [[piece] for w in cut for piece in w]
     ds = continuation_log_prob(
@@ -144,9 +143,8 @@ def _chain_dataset(ds: xr.Dataset, n_windows: list[int], keys: np.ndarray, n_sam
             "window_khat": (dims, grid("khat", np.nan, np.float64)),
             "window_valid": (dims, np.arange(W)[None, :] < np.array(n_windows)[:, None]),
         },
-        coords={"sequence": np.arange(D), "window": np.arange(W)},
+        coords={"sequence": keys, "window": np.arange(W)},  # a sequence is labelled by its key, as in the other estimators
     )
-    out["document_key"] = ("sequence", keys)
     out["n_windows"] = ("sequence", np.array(n_windows))
     out["log_likelihood"] = out["window_log_likelihood"].sum("window", skipna=True)
     out["log_likelihood_se"] = np.sqrt((out["window_log_likelihood_se"] ** 2).sum("window", skipna=True))

@@ -70,10 +70,10 @@ def test_cut_is_the_greedy_cut_and_keeps_the_text(text, budget, mode):
 def test_independent_windows_fit_the_model_and_chain_windows_fit_in_pairs(tiny):
     text = "The quick brown fox jumps over the lazy dog, " * 12 + "x" * 150
     framed = framed_length_fn(tiny)
-    split = windows.cut(text, windows.model_tokenize(tiny), windows.token_budget(tiny, "independent"), "independent")
+    split = windows.cut_for(tiny, text, "independent")
     assert len(split) > 3 and all(framed(w) <= 64 for w in split)
     assert max(framed(a + " " + b) for a, b in zip(split, split[1:])) > 64  # each window is as long as fits
-    chain = windows.cut(text, windows.model_tokenize(tiny), windows.token_budget(tiny, "chain"), "chain")
+    chain = windows.cut_for(tiny, text, "chain")
     assert "".join(chain) == text
     assert all(len(tiny.tokenizer.encode(a + b)) <= 64 for a, b in zip(chain, chain[1:]))  # no bos in tiny's framing
     assert all(w.startswith(" ") or w[0] == "x" for w in chain[1:])  # the cut's space starts the next window
@@ -111,7 +111,7 @@ def test_a_one_megabyte_line_is_cut_in_well_under_ten_seconds(tiny):
     text = " ".join(words[i % 8] for i in range(200_000))[:999_999] + "x"
     assert len(text) == 1_000_000
     start = time.perf_counter()
-    got = windows.cut(text, windows.model_tokenize(tiny), windows.token_budget(tiny, mode), mode)
+    got = windows.cut_for(tiny, text, mode)
     elapsed = time.perf_counter() - start
     assert elapsed < 10, elapsed
     assert " ".join(got) == text
