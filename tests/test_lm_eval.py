@@ -1,21 +1,30 @@
 """The lm-evaluation-harness backend: `colaprob lm-eval` on local tasks (YAML over JSON files
 this test writes; nothing downloaded) gives per request the numbers of colaprob's own
-estimators on the same texts and seeds. Skipped where lm_eval is not installed."""
+estimators on the same texts and seeds. Skipped where lm_eval is not installed, except the
+check of the message that says so."""
 
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'colaprob[lm-eval]')")
+import colaprob
+from colaprob import results
+from colaprob.estimators.continuations import continuation_log_prob
+from colaprob.estimators.rolling import rolling_log_prob
 
-import colaprob  # noqa: E402
-from colaprob import results  # noqa: E402
-from colaprob.estimators.continuations import continuation_log_prob  # noqa: E402
-from colaprob.estimators.rolling import rolling_log_prob  # noqa: E402
-from colaprob.lm_eval import ColaprobLM, Settings  # noqa: E402
+from cli_support import run_cli
 
-from cli_support import run_cli  # noqa: E402
+if importlib.util.find_spec("lm_eval") is not None:
+    from lm_eval.api.instance import Instance
+
+    from colaprob.lm_eval import ColaprobLM, Settings
+
+needs_harness = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness is not installed (pip install 'colaprob[lm-eval]')"
+)
 
 MODEL_ARGS = "model=tiny,samples=2,seed=4,method=euler,steps=2,greedy=false"
 FAST = dict(seed=4, chunk_size=32, trace="exact", method="euler", steps=2)
@@ -55,6 +64,7 @@ def tasks(tmp_path, monkeypatch):
     return folder
 
 
+@needs_harness
 def test_local_tasks_give_the_estimators_numbers_per_request(tasks, tmp_path):
     output = tmp_path / "out.json"
     outcome = run_cli("lm-eval", "--tasks", "colaprob_local_mc,colaprob_local_ppl", "--include-path", tasks, "--model-args", MODEL_ARGS, "-o", output)
@@ -77,6 +87,7 @@ def test_local_tasks_give_the_estimators_numbers_per_request(tasks, tmp_path):
     assert "results: " in outcome.out and "word_perplexity" in outcome.out
 
 
+@needs_harness
 def test_rolling_requests_equal_colaprob_score_rolling(tmp_path):
     """The harness's rolling log-likelihood is `colaprob score --rolling` on the same texts."""
     texts = tmp_path / "docs.txt"
@@ -85,28 +96,31 @@ def test_rolling_requests_equal_colaprob_score_rolling(tmp_path):
     assert outcome.code == 0, outcome.err
     scored = results.read_dataset(tmp_path / "s.nc")
     lm = ColaprobLM(model="tiny", samples=2, seed=4, method="euler", steps=2, greedy=False)
-    requests = [lm_eval.api.instance.Instance("loglikelihood_rolling", {}, (d,), i, ("t", i, 1)) for i, d in enumerate(DOCUMENTS)]
+    requests = [Instance("loglikelihood_rolling", {}, (d,), i, ("t", i, 1)) for i, d in enumerate(DOCUMENTS)]
     assert np.allclose(lm.loglikelihood_rolling(requests), scored.log_likelihood.values, rtol=0, atol=1e-9)
     assert scored.attrs["windows"].startswith("documents longer than max_tokens were cut into windows scored as a chain")
 
 
+@needs_harness
 def test_is_greedy_is_whether_the_deterministic_decode_begins_with_the_continuation():
     lm = ColaprobLM(model="tiny", samples=1, method="euler", steps=1, gen_steps=2)
     from colaprob.generate import Sampling, generate
 
     decoded = generate(lm.model, ["The value"], Sampling(max_new_tokens=3, steps=2), seed=0)[0]
-    requests = [lm_eval.api.instance.Instance("loglikelihood", {}, ("The value", c), i, ("t", 0, 1)) for i, c in enumerate([decoded, decoded + "zzz"])]
+    requests = [Instance("loglikelihood", {}, ("The value", c), i, ("t", 0, 1)) for i, c in enumerate([decoded, decoded + "zzz"])]
     assert [greedy for _, greedy in lm.loglikelihood(requests)] == [True, False]
 
 
+@needs_harness
 def test_generate_until_cuts_at_the_stop_string():
     lm = ColaprobLM(model="tiny", samples=1, method="euler", steps=1, gen_steps=2)
-    request = lm_eval.api.instance.Instance("generate_until", {}, ("The value of", {"until": ["e"], "max_gen_toks": 12}), 0, ("t", 0, 1))
+    request = Instance("generate_until", {}, ("The value of", {"until": ["e"], "max_gen_toks": 12}), 0, ("t", 0, 1))
     full = ColaprobLM(model="tiny", samples=1, method="euler", steps=1, gen_steps=2)
-    whole = full.generate_until([lm_eval.api.instance.Instance("generate_until", {}, ("The value of", {"max_gen_toks": 12}), 0, ("t", 0, 1))])[0]
+    whole = full.generate_until([Instance("generate_until", {}, ("The value of", {"max_gen_toks": 12}), 0, ("t", 0, 1))])[0]
     assert lm.generate_until([request]) == [whole.split("e")[0]]
 
 
+@needs_harness
 def test_bad_model_arguments_are_one_line_errors(tasks):
     outcome = run_cli("lm-eval", "--tasks", "colaprob_local_mc", "--include-path", tasks, "--model-args", "samples=0")
     assert outcome.code == 2 and "samples must be a positive integer" in outcome.err and "Traceback" not in outcome.err
@@ -114,3 +128,9 @@ def test_bad_model_arguments_are_one_line_errors(tasks):
     assert outcome.code == 2 and "is not a folder" in outcome.err
     with pytest.raises(ValueError, match="unknown colaprob model argument"):
         Settings.from_arguments({"temperature": 1})
+
+
+def test_without_the_harness_the_command_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails as if it were absent
+    outcome = run_cli("lm-eval", "--tasks", "anything")
+    assert outcome.code == 2 and "pip install 'colaprob[lm-eval]'" in outcome.err and "Traceback" not in outcome.err, outcome.err
