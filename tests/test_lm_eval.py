@@ -33,7 +33,7 @@ ITEMS = [
     {"context": "The value of the", "choices": ["object", "class", "module"], "label": 0},
     {"context": "A function is defined with", "choices": ["def", "class"], "label": 0},
 ]
-DOCUMENTS = ["Every object has an identity, a type and a value.", "The with statement wraps a block in a context manager. " * 2]
+DOCUMENTS = ["Every object has an identity, a type and a value.", "The with statement wraps a block in a context manager."]
 
 
 @pytest.fixture()
