@@ -23,6 +23,7 @@ COMMANDS = {
     "train": "colaprob.commands.train",
     "inspect": "colaprob.commands.inspect",
     "demo": "colaprob.commands.demo",
+    "lm-eval": "colaprob.commands.lm_eval",
 }
 
 

@@ -202,6 +202,19 @@ class DiT(nn.Module):
         v, _ = self(torch.cat([clean, noisy], 1), torch.cat([torch.zeros_like(tau), tau], 1), both, allowed)
         return v[:, L:]
 
+    def velocity_window(self, noisy: Tensor, tau: Tensor, start: int, block_size: int, history: KVCache) -> Tensor:
+        """``velocity_2l`` restricted to the noisy rows at positions ``start .. start + W - 1``
+        (``start`` a multiple of ``block_size``): ``noisy`` [B, W, C], ``tau`` broadcastable to
+        [B, W], ``history = clean_history(clean[:, :start + W], block_size)``. The same
+        velocities as the full layout at those positions (their noisy rows see only their own
+        block's noisy rows), for ``W`` rows instead of ``start + W``. Returns [B, W, Cout]."""
+        B, W = noisy.shape[:2]
+        end = start + W
+        positions = torch.arange(start, end, device=noisy.device).expand(B, W)
+        rows = mask_2l(end, block_size, noisy.device)[:, end + start :]
+        allowed = torch.cat([rows[..., :end], rows[..., end + start :]], -1)
+        return self(noisy, tau.expand(B, W), positions, allowed, history)[0]
+
     def clean_history(self, clean: Tensor, block_size: int | Tensor) -> KVCache:
         """Keys and values of the clean half of the 2L layout: clean rows see only clean rows,
         at timestep 0, so they depend on ``clean`` [B, L, C] alone and can be reused for every

@@ -175,6 +175,21 @@ class ColaModel(nn.Module):
         v = self.dit.velocity_2l(clean.expand(shape).reshape(-1, L, d), u_t.reshape(-1, L, d), tau, self.block_size, history)
         return v.reshape(shape)
 
+    def prior_velocity_window(self, u_t: Tensor, t: Tensor, clean: Tensor, start: int) -> Tensor:
+        """``prior_velocity`` of the positions ``start ..`` only (a multiple of the DiT block):
+        ``u_t`` [..., W, d] noisy latents at those positions, ``t`` broadcastable to [..., W],
+        ``clean`` [..., start + W, d] the clean latents of every position (the history).
+        The DiT evaluates W rows over the cached keys and values of ``clean``; the result
+        equals ``prior_velocity`` of the full layout at those positions."""
+        shape = u_t.shape
+        W, d = shape[-2:]
+        tau = (T_SCALE * torch.as_tensor(t, dtype=u_t.dtype, device=u_t.device)).expand(shape[:-1]).reshape(-1, W)
+        history = self._clean_history(clean, clean.shape)
+        if history is None:
+            history = self.dit.clean_history(clean.reshape(-1, *clean.shape[-2:]), self.block_size)
+        v = self.dit.velocity_window(u_t.reshape(-1, W, d), tau, start, self.block_size, history)
+        return v.reshape(shape)
+
     def _clean_history(self, clean: Tensor, shape: torch.Size) -> KVCache | None:
         """The clean half's keys and values for ``clean``, reused while the same tensor object
         (unchanged, same shape, same weights) comes back; None when caching is off or

@@ -11,16 +11,16 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from colaprob import windows
 from colaprob.errors import ColaprobError
+from colaprob.windows import Row
 
-WINDOW_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
 FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
 TOLERANCE_FLOOR = 1e-7
 SEED_LIMIT = 2**63
@@ -290,11 +290,13 @@ def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_to
             raise ColaprobError(f"document {i} is at least {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
 
 
-def preflight(args, model, rows: Sequence["Row"], device, what: str) -> None:
+def preflight(args, model, rows: Sequence["Row"], device, what: str, longest: int | None = None) -> None:
     """The checks of the settings against the model and the corpus, before any work: the
     sample counts, the fixed grid's steps, the Hutchinson probes (more than ``block_size * latent_dim`` would cost
     more than the exact trace), an output that is one of the inputs, and the estimated peak
-    memory of one batch (``colaprob.memory``) against ``--max-memory`` or the free memory."""
+    memory of one batch (``colaprob.memory``) against ``--max-memory`` or the free memory.
+    ``longest``: the longest sequence one solve sees, when it is not a row's framed length
+    (the rolling chain scores a long document one window pair at a time)."""
     from colaprob import memory
 
     samples = max(getattr(args, name, 0) or 0 for name in ("samples", "posterior_samples", "prior_samples"))
@@ -313,7 +315,7 @@ def preflight(args, model, rows: Sequence["Row"], device, what: str) -> None:
         )
     check_output_is_not_an_input(args.output, args.inputs)
     framed_length = framed_length_fn(model)
-    tokens = max(framed_length(row.document.text, row.document.prompt) for row in rows)
+    tokens = longest or max(framed_length(row.document.text, row.document.prompt) for row in rows)
     chunk = min(getattr(args, "chunk_size", None) or samples or 1, samples or 1)
     work = memory.Workload(batch=min(args.batch_size, len(rows)), tokens=tokens, chunk=chunk, probes=args.probes if args.trace == "hutchinson" else None)
     memory.check_fits(model, work, args.max_memory, device, what)
@@ -328,31 +330,13 @@ def check_output_is_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
             raise ColaprobError(f"the output {output} is the input file {path}; choose another --output, or the input would be overwritten.")
 
 
-class Row:
-    """One scored sequence: document ``index`` of the corpus, or its window ``window``."""
-
-    def __init__(self, document, index: int, window: int, source: str):
-        self.document, self.index, self.window, self.source = document, index, window, source
-
-
 def cut_rows(model, documents, split: bool) -> list[Row]:
     """The sequences to score: every ``(document, source)``, and with ``split`` the windows
-    of texts that exceed the model's ``max_tokens``: consecutive windows cut at whitespace,
-    each scored as an independent document (``split_into_windows``). Without ``split``, or
-    for a prompt-response pair, a text too long is refused before any work."""
-    from colaprob.data import Document
-
-    limit = model.framing.max_tokens
-    framed_length = framed_length_fn(model)
-    fits = lambda doc: limit is None or framed_length(doc.text, doc.prompt) <= limit
-    rows = []
-    for i, (doc, source) in enumerate(documents):
-        if fits(doc) or not split or doc.prompt is not None:
-            rows.append(Row(doc, i, 0, source))
-            continue
-        pieces = split_into_windows(doc.text, lambda text: fits(Document(text)))
-        rows += [Row(Document(piece), i, w, source) for w, piece in enumerate(pieces)]
-    check_lengths([row.document for row in rows], framed_length, limit)
+    of texts that exceed the model's ``max_tokens``, each scored as an independent document
+    (``colaprob.windows``). Without ``split``, or for a prompt-response pair, a text too
+    long is refused before any work."""
+    rows = windows.cut_rows(model, documents, "independent" if split else None)
+    check_lengths([row.document for row in rows], framed_length_fn(model), model.framing.max_tokens)
     return rows
 
 
@@ -373,47 +357,7 @@ def row_variables(rows: Sequence[Row]) -> dict:
 
 def windows_note(rows: Sequence[Row]) -> str:
     """The attribute that says whether (and how) long documents were windowed."""
-    return WINDOW_NOTE if any(row.window > 0 for row in rows) else "none"
-
-
-def split_into_windows(text: str, fits: Callable[[str], bool]) -> list[str]:
-    """Cut ``text`` into consecutive windows that each ``fits``: as many whole
-    whitespace-separated words as fit; a word that does not fit alone is cut between
-    characters. The whitespace at a cut is dropped; whitespace inside a window is kept."""
-    pieces = []  # (start, end) spans of text that fit on their own
-    for word in re.finditer(r"\S+", text) if text.strip() else [re.match(r"[\s\S]*", text)]:
-        pieces += _cut_to_fit(text, word.start(), word.end(), fits)
-    windows, first = [], 0
-    while first < len(pieces):
-        # The longest run of pieces from `first` that fits (binary search: longer runs have
-        # more tokens).
-        lo, hi = first + 1, len(pieces)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(text[pieces[first][0] : pieces[mid - 1][1]]):
-                lo = mid
-            else:
-                hi = mid - 1
-        windows.append(text[pieces[first][0] : pieces[lo - 1][1]])
-        first = lo
-    return windows
-
-
-def _cut_to_fit(text: str, start: int, end: int, fits: Callable[[str], bool]) -> list[tuple[int, int]]:
-    spans = []
-    while start < end:
-        lo, hi = start + 1, end  # the longest prefix text[start:stop] that fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(text[start:mid]):
-                lo = mid
-            else:
-                hi = mid - 1
-        if not fits(text[start:lo]):
-            raise ColaprobError(f"the model's max_tokens is too small to hold even one character ({text[start]!r}) once framed.")
-        spans.append((start, lo))
-        start = lo
-    return spans
+    return windows.INDEPENDENT_NOTE if any(row.window > 0 for row in rows) else "none"
 
 
 # ---------------------------------------------------------------------------------------------

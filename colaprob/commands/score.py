@@ -14,6 +14,11 @@ A text whose framed length exceeds the model's ``max_tokens`` is refused (with b
 unless ``--split`` cuts it into consecutive windows at whitespace; each window is then scored
 as an independent document, so a split document's log-likelihood is the sum over windows of
 ``log p(window)``, not ``log p(document)``. Pairs are never split.
+
+``--rolling`` scores every plain text as one chain of windows instead
+(``colaprob.estimators.rolling``): ``log p(w_1) + sum_j log p(w_j | w_{j-1})``, one
+``log p(document)`` per document, the text's tokens only (no end-of-text), comparable with
+an autoregressive model's rolling perplexity.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import argparse
 import numpy as np
 import xarray as xr
 
-from colaprob import distributed, results, runner
+from colaprob import distributed, results, runner, windows
 from colaprob.commands import _shared
 from colaprob.errors import ColaprobError
 
 HELP = "score documents: ELBO, IWAE or prompt-response log-likelihood, nats/token, bits/byte, perplexity (NetCDF)"
 
-ESTIMATORS = ("elbo", "iwae", "conditional")
+ESTIMATORS = ("elbo", "iwae", "conditional", "rolling")
 UNITS = ("nats_per_token", "bits_per_byte", "token_perplexity", "word_perplexity")
 
 
@@ -43,7 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="elbo: a lower bound, cheapest; iwae: IWAE-K, a lower bound in expectation that tightens with K, "
         "with a k-hat reliability flag; conditional: log p(response | prompt) for prompt-response pairs "
-        "(default: elbo for texts, conditional for pairs)",
+        "(default: elbo for texts, conditional for pairs); rolling: the same as --rolling",
+    )
+    group.add_argument(
+        "--rolling",
+        action="store_true",
+        help="score each text, however long, as one chain of windows log p(w_1) + sum_j log p(w_j | w_(j-1)): one "
+        "log p(document) per document, text tokens only, as lm-evaluation-harness's rolling log-likelihood "
+        "(unlike --split, whose windows are scored independently)",
     )
     group.add_argument("-K", "--samples", type=_shared.positive_int, default=16, help="posterior samples per document (default: 16)")
     group.add_argument(
@@ -81,17 +93,25 @@ def prepare(args, ctx) -> "Job":
     """Read and check everything, so a mistake stops the run before any file is written."""
     cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
-    estimator = choose_estimator(args.estimator, [doc for doc, _ in documents])
+    estimator = choose_estimator("rolling" if args.rolling else args.estimator, [doc for doc, _ in documents], args)
     model, identity = _shared.load_model(args.model, ctx.device)
-    rows = _shared.cut_rows(model, documents, args.split)
-    _shared.preflight(args, model, rows, ctx.device, "scoring")
+    if estimator == "rolling":
+        rows = windows.cut_rows(model, documents, None)
+        _shared.preflight(args, model, rows, ctx.device, "scoring", longest=model.framing.max_tokens)
+    else:
+        rows = _shared.cut_rows(model, documents, args.split)
+        _shared.preflight(args, model, rows, ctx.device, "scoring")
     results.check_writable(args.output)
     return Job(args, ctx, model, identity, rows, estimator, cnf_options)
 
 
-def choose_estimator(asked: str | None, documents) -> str:
-    """``conditional`` for prompt-response pairs, ``elbo`` or ``iwae`` for plain texts."""
+def choose_estimator(asked: str | None, documents, args=None) -> str:
+    """``conditional`` for prompt-response pairs, ``elbo``, ``iwae`` or ``rolling`` for plain texts."""
     pairs = sum(doc.prompt is not None for doc in documents)
+    if args is not None and args.rolling and args.estimator not in (None, "rolling"):
+        raise ColaprobError(f"--rolling is its own estimator; drop --estimator {args.estimator}.")
+    if asked == "rolling" and args is not None and args.split:
+        raise ColaprobError("--rolling and --split window a text in two different ways; choose one.")
     if 0 < pairs < len(documents):
         raise ColaprobError(
             f"the input mixes {pairs} prompt-response pairs with {len(documents) - pairs} plain texts; score them in separate runs."
@@ -100,7 +120,7 @@ def choose_estimator(asked: str | None, documents) -> str:
         return "conditional" if pairs else "elbo"
     if (asked == "conditional") != bool(pairs):
         needed = "prompt-response pairs" if asked == "conditional" else "plain texts (the input holds prompt-response pairs)"
-        raise ColaprobError(f"--estimator {asked} scores {needed}; use --estimator {'conditional' if pairs else 'elbo or iwae'}.")
+        raise ColaprobError(f"--estimator {asked} scores {needed}; use --estimator {'conditional' if pairs else 'elbo, iwae or rolling'}.")
     return asked
 
 
@@ -124,7 +144,7 @@ class Job:
             "seed": args.seed,
             "device_type": ctx.device.type,
             "max_tokens": model.framing.max_tokens,
-            "windows": _shared.windows_note(rows),
+            "windows": windows.CHAIN_NOTE if estimator == "rolling" else _shared.windows_note(rows),
         }
         self.plan = runner.Plan(settings, n_items=len(rows), batch_size=args.batch_size)
 
@@ -139,6 +159,12 @@ class Job:
             ds = estimators.conditional(
                 self.model, batch, prefix_tokens, self.args.samples, response=response, direct=not self.args.no_direct, **options
             )
+        elif self.estimator == "rolling":
+            from colaprob.estimators.rolling import rolling_log_prob
+
+            options["document_ids"] = options.pop("sequence_ids")
+            ds = rolling_log_prob(self.model, [row.document.text for row in chosen], self.args.samples, **options)
+            ds = ds.drop_vars(["window_text"])  # the windows are the text's own partition; kept out of the result file
         else:
             batch = self.model.frame([row.document.text for row in chosen])
             ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
@@ -190,7 +216,8 @@ def summary(ds: xr.Dataset, output) -> dict:
 def short_name(ds: xr.Dataset) -> str:
     """``ELBO K=16``, ``IWAE-16`` or ``conditional IWAE-16`` (the full name is in the attrs)."""
     K = ds.attrs.get("K")
-    return {"elbo": f"ELBO K={K}", "iwae": f"IWAE-{K}", "conditional": f"conditional IWAE-{K}"}[ds.attrs["estimator_name"]]
+    names = {"elbo": f"ELBO K={K}", "iwae": f"IWAE-{K}", "conditional": f"conditional IWAE-{K}", "rolling": f"rolling chain IWAE-{K}"}
+    return names[ds.attrs["estimator_name"]]
 
 
 def report(ds: xr.Dataset, args) -> None:
