@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = distributed.from_environment(args.device)
     try:
         job = prepare(args, ctx)
-        merged = runner.run(job.plan, job.score_batch, args.output, finish=finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="items")
+        merged = runner.run(job.plan, job.score_batch, args.output, finish=job.finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="items")
     finally:
         distributed.shutdown(ctx)
     if ctx.is_main:
@@ -69,13 +69,13 @@ def prepare(args, ctx) -> "Job":
     task_list = [tasks.read_official(path, args.task) for path in args.inputs]
     if len({t.name for t in task_list}) < len(task_list):
         raise ColaprobError("two input files have the same task name; give each task once.")
-    for task in task_list:
-        for warning in task.warnings:
-            print(f"colaprob: warning: {warning}", file=sys.stderr)
     model, identity = _shared.load_model(args.model, ctx.device)
     items = [(task, item) for task in task_list for item in task.items]
     check_lengths(model, items)
     results.check_writable(args.output)
+    for task in task_list:  # after the checks, so that a refusal is one line
+        for warning in task.warnings:
+            print(f"colaprob: warning: {warning}", file=sys.stderr)
     return Job(args, model, identity, items, cnf_options)
 
 
@@ -87,7 +87,8 @@ def check_lengths(model, items) -> None:
         try:
             frame_continuations(model, [item.context], [continuations(item)])
         except ValueError as err:
-            raise ColaprobError(f"{task.name} item {item.id}: {str(err).split('; ')[0].split(' is ', 1)[-1]}; colaprob does not cut task contexts, so use a model with a longer context.") from None
+            length = str(err).split(" is ", 1)[-1].split(";")[0]
+            raise ColaprobError(f"{task.name} item {item.id} is {length}; task contexts are not cut, so use a model with a longer context.") from None
 
 
 def continuations(item: tasks.TaskItem) -> list[str]:
@@ -136,6 +137,14 @@ class Job:
         )
         return batch_dataset(ds, chosen, self.n_choices)
 
+    def finish(self, merged: xr.Dataset) -> xr.Dataset:
+        """``finish`` with what each item is: its task and its id in the file. (Added to the
+        merged result, not to the shards: text of varying width is stored whole only once.)"""
+        chosen = [self.items[i] for i in merged["sequence"].values]
+        merged["task"] = ("sequence", np.array([task.name for task, _ in chosen], dtype=object))
+        merged["item_id"] = ("sequence", np.array([item.id for _, item in chosen], dtype=object))
+        return finish(merged)
+
 
 CHOICE_VARIABLES = ("log_likelihood", "log_likelihood_se", "n_tokens", "n_bytes", "khat", "choice_valid")
 
@@ -158,8 +167,6 @@ def batch_dataset(ds: xr.Dataset, chosen, n_choices: int) -> xr.Dataset:
         out[name] = (("sequence", "choice"), grid)
         if name != "choice_valid":
             out[f"generate_{name}"] = ("sequence", gen)
-    out["task"] = ("sequence", np.array([task.name for task, _ in chosen], dtype=object))
-    out["item_id"] = ("sequence", np.array([item.id for _, item in chosen], dtype=object))
     out["gold"] = ("sequence", np.array([item.gold for _, item in chosen]))
     out["multiple_choice"] = ("sequence", np.array([item.choice_texts is not None for _, item in chosen]))
     out["has_generate"] = ("sequence", has_generate)
