@@ -37,6 +37,20 @@ from colaprob.estimators.continuations import continuation_log_prob, frame_conti
 FIXTURE = common.REPO / "tests" / "fixtures" / "official-tiny-a"
 OFFICIAL_MEDIAN_CHARS = {"mmlu": 567, "hellaswag": 896}
 CHOICES = [" yes", " no", " red", " blue"]
+COLUMNS = [
+    "context",
+    "context tokens",
+    "solver",
+    "per-choice DiT rows",
+    "shared DiT rows",
+    "rows ratio",
+    "history rows (per-choice / shared)",
+    "NFE (per-choice / shared)",
+    "per-choice CPU s",
+    "shared CPU s",
+    "CPU ratio",
+    "max |diff| log p (nats)",
+]
 
 
 def contexts_of(model, chars: int, n: int) -> list[str]:
@@ -61,8 +75,8 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=4, help="K posterior draws per item (default 4)")
     p.add_argument("--trace", choices=("exact", "hutchinson"), default="hutchinson", help="divergence (default hutchinson, one Rademacher probe; exact costs block_size * d = 32 VJPs per evaluation)")
-    p.add_argument("--items", type=int, default=2, help="items per context length (default 3)")
-    p.add_argument("--methods", nargs="+", default=["dopri5", "rk4"], choices=("dopri5", "rk4", "euler"), help="solvers: dopri5 (rtol = atol = 1e-5) and/or a fixed grid of 8 steps")
+    p.add_argument("--items", type=int, default=2, help="items per context length (default 2)")
+    p.add_argument("--methods", nargs="+", default=["rk4", "dopri5"], choices=("dopri5", "rk4", "euler"), help="solvers: dopri5 (rtol = atol = 1e-5) and/or a fixed grid of 8 steps")
     args = p.parse_args()
     common.start(args, "Multiple choice: shared context against per-choice scoring")
     model = colaprob.load(str(FIXTURE)).eval()
@@ -71,8 +85,8 @@ def main() -> None:
         args.samples, args.items, args.methods = 2, 1, ["euler"]
     print(f"Model: official-format fixture (random weights), K = {args.samples}, {args.trace} trace, {len(CHOICES)} choices of <= 4 tokens (one block each); {args.items} items per length.")
     print()
-    rows = []
     for task, chars in lengths.items():
+        rows = []
         contexts = contexts_of(model, chars, args.items)
         tokens = [int(frame_continuations(model, [c], [CHOICES]).context_tokens[0]) for c in contexts]
         for method in args.methods:
@@ -104,23 +118,7 @@ def main() -> None:
                     diff,
                 ]
             )
-    common.table(
-        [
-            "context",
-            "context tokens",
-            "solver",
-            "per-choice DiT rows",
-            "shared DiT rows",
-            "rows ratio",
-            "history rows (per-choice / shared)",
-            "NFE (per-choice / shared)",
-            "per-choice CPU s",
-            "shared CPU s",
-            "CPU ratio",
-            "max |diff| log p (nats)",
-        ],
-        rows,
-    )
+        common.table(COLUMNS, rows)  # one table per context length, printed as it finishes
 
 
 if __name__ == "__main__":

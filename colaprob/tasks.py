@@ -34,15 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
 from colaprob.errors import ColaprobError
 
 FIELDS = ("id", "prompt", "ground_truth", "generate", "choices", "few_shot_prefix", "others")
 DELIMITER = " "  # lm-evaluation-harness's target_delimiter
-FIRST_WORD_TASKS = ("lambada",)
+FIRST_WORD_TASKS = ("lambada", "embedded_cloze")
 OPTION_TASKS = ("mmlu", "obqa", "race", "siqa")
 EXACT_TASKS = ("hellaswag", "squad", "story_cloze")
-OFFICIAL_TASKS = FIRST_WORD_TASKS + OPTION_TASKS + EXACT_TASKS
+KNOWN_TASKS = FIRST_WORD_TASKS + OPTION_TASKS + EXACT_TASKS  # the official eight and the embedded cloze
 
 
 @dataclass
@@ -111,8 +112,8 @@ def read_official(path: str | Path, task: str | None = None) -> Task:
     if "others" in unused:
         warnings.append(f"{path.name}: field 'others' (the generation after its first line, which the official accuracy ignores) is not used")
     warnings += [f"{path.name}: field {key!r} (first on line {line}) is not part of the official format and is not used" for key, line in unused.items() if key != "others"]
-    if name not in OFFICIAL_TASKS:
-        warnings.append(f"{path.name}: task {name!r} is not one of the official eight; its generative accuracy uses the exact-match rule")
+    if name not in KNOWN_TASKS:
+        warnings.append(f"{path.name}: task {name!r} is none of {', '.join(KNOWN_TASKS)}; its generative accuracy uses the exact-match rule")
     choice_tasks = sum(item.choice_texts is not None for item in items)
     if 0 < choice_tasks < len(items):
         raise ColaprobError(f"{path} mixes {choice_tasks} records with choices and {len(items) - choice_tasks} without; split it into two files.")
@@ -257,7 +258,7 @@ def gold_choice(ground_truth: str, choices: list[str]) -> int | None:
 
 
 def accuracy_rule(task: str) -> str:
-    """``first_word`` (LAMBADA), ``option`` (MMLU, OBQA, RACE, SIQA) or ``exact`` (the rest,
+    """``first_word`` (LAMBADA and the embedded cloze), ``option`` (MMLU, OBQA, RACE, SIQA) or ``exact`` (the rest,
     and any other task): which official string match a task's generations get."""
     return "first_word" if task in FIRST_WORD_TASKS else "option" if task in OPTION_TASKS else "exact"
 
@@ -277,6 +278,39 @@ def generation_correct(task: str, item: TaskItem) -> bool | None:
         if picked is not None and gold is not None and picked == gold:
             return True
     return similarity(item.generate, item.ground_truth) >= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary of an evaluation
+
+SUMMARY = {
+    "acc": "correct",
+    "acc_norm": "correct_norm",
+    "gen_acc": "generation_correct",
+    "disagree": "disagree",
+    "prefers_generation": "prefers_generation",
+}
+
+
+def summarise(ds: xr.Dataset) -> xr.Dataset:
+    """Per task, from a ``colaprob eval`` result: ``items`` and, for each of ``acc``,
+    ``acc_norm``, ``gen_acc``, ``disagree``, ``prefers_generation``, the mean over the items
+    where it is defined, its standard error over items (``sd / sqrt(n)``, NaN for fewer than
+    two) and ``n`` (``<name>_items``). Dims: ``task``."""
+    names = sorted(set(ds["task"].values.tolist()))
+    out = {"items": ("task", np.array([(ds["task"].values == t).sum() for t in names]))}
+    for key, variable in SUMMARY.items():
+        stats = [_mean_se(ds[variable].values[ds["task"].values == t].astype(float)) for t in names]
+        for j, suffix in enumerate(("", "_se", "_items")):
+            out[key + suffix] = ("task", np.array([s[j] for s in stats]))
+    return xr.Dataset(out, coords={"task": np.array(names, dtype=object)}, attrs={"diagnostic": "task_summary"})
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float, int]:
+    v = values[~np.isnan(values)]
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")), int(len(v))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -90,3 +90,18 @@ def test_bad_input_is_one_sentence(tmp_path):
     outcome = run_cli("eval", path, "--model", limited, *FAST, "-o", tmp_path / "out.nc")
     assert_one_line_error(outcome, "mmlu item 0", "limit of 16")
     assert not (tmp_path / "out.nc").exists()
+
+
+def test_viz_draws_the_per_task_comparison(evaluated, tmp_path):
+    _, _, _, output = evaluated
+    outcome = run_cli("viz", output, "-o", tmp_path / "tasks.png", "--no-labels")
+    assert outcome.code == 0, outcome.err
+    assert (tmp_path / "tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_means_and_standard_errors_over_items(evaluated):
+    _, ds, _, _ = evaluated
+    table = tasks.summarise(ds)
+    lam = table.sel(task="lambada")
+    assert int(lam["items"]) == 2 and int(lam["acc_items"]) == 0 and np.isnan(float(lam["acc"]))
+    assert float(lam["gen_acc"]) == 0.5 and np.isclose(float(lam["gen_acc_se"]), 0.5)  # one of two: sd 0.707 / sqrt 2

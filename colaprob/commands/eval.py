@@ -121,29 +121,39 @@ class Job:
         self.plan = runner.Plan(settings, n_items=len(items), batch_size=args.batch_size)
 
     def score_batch(self, positions: range) -> xr.Dataset:
-        from colaprob.estimators.continuations import continuation_log_prob
-
         chosen = [self.items[i] for i in positions]
-        ds = continuation_log_prob(
-            self.model,
-            [item.context for _, item in chosen],
-            [continuations(item) for _, item in chosen],
-            self.args.samples,
-            seed=self.args.seed,
-            item_ids=list(positions),
-            chunk_size=self.args.chunk_size,
-            trace=self.args.trace,
-            **self.cnf_options,
-        )
-        return batch_dataset(ds, chosen, self.n_choices)
+        options = dict(seed=self.args.seed, chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
+        return score_items(self.model, chosen, self.args.samples, positions, self.n_choices, **options)
 
     def finish(self, merged: xr.Dataset) -> xr.Dataset:
         """``finish`` with what each item is: its task and its id in the file. (Added to the
         merged result, not to the shards: text of varying width is stored whole only once.)"""
-        chosen = [self.items[i] for i in merged["sequence"].values]
-        merged["task"] = ("sequence", np.array([task.name for task, _ in chosen], dtype=object))
-        merged["item_id"] = ("sequence", np.array([item.id for _, item in chosen], dtype=object))
-        return finish(merged)
+        return with_labels(merged, [self.items[i] for i in merged["sequence"].values])
+
+
+def score_items(model, chosen, n_samples: int, item_ids, n_choices: int, **options) -> xr.Dataset:
+    """The scores of ``chosen`` ``(task, item)`` pairs over ``sequence`` (see ``batch_dataset``)."""
+    from colaprob.estimators.continuations import continuation_log_prob
+
+    contexts, scored = [item.context for _, item in chosen], [continuations(item) for _, item in chosen]
+    ds = continuation_log_prob(model, contexts, scored, n_samples, item_ids=list(item_ids), **options)
+    return batch_dataset(ds, chosen, n_choices)
+
+
+def evaluate(model, task: tasks.Task, n_samples: int = 16, **options) -> xr.Dataset:
+    """What ``colaprob eval`` computes for one task, in this process (no files): the dataset
+    over ``item`` and ``choice``. ``options``: ``seed``, ``chunk_size``, ``trace`` and the CNF
+    options of ``continuation_log_prob``."""
+    chosen = [(task, item) for item in task.items]
+    ds = score_items(model, chosen, n_samples, range(len(chosen)), max(len(i.choices) for i in task.items), **options)
+    return with_labels(ds, chosen)
+
+
+def with_labels(ds: xr.Dataset, chosen) -> xr.Dataset:
+    """``finish`` with what each item is: its task and its id in the file."""
+    ds["task"] = ("sequence", np.array([task.name for task, _ in chosen], dtype=object))
+    ds["item_id"] = ("sequence", np.array([item.id for _, item in chosen], dtype=object))
+    return finish(ds)
 
 
 CHOICE_VARIABLES = ("log_likelihood", "log_likelihood_se", "n_tokens", "n_bytes", "khat", "choice_valid")
@@ -198,6 +208,7 @@ def finish(merged: xr.Dataset) -> xr.Dataset:
     ds["disagree"] = ("item", np.where(both, (ds["correct"].values != ds["generation_correct"].values).astype(float), np.nan))
     for name, doc in DESCRIPTIONS.items():
         ds[name].attrs["description"] = doc
+    ds.attrs["diagnostic"] = "task_evaluation"
     return ds
 
 
@@ -216,25 +227,13 @@ DESCRIPTIONS = {
 # The summary
 
 
-def mean_se(values: np.ndarray) -> tuple[float, float, int]:
-    """Mean of the defined values, its standard error over items and their number."""
-    v = values[~np.isnan(values)]
-    if not len(v):
-        return float("nan"), float("nan"), 0
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"), int(len(v))
-
-
 def summary(ds: xr.Dataset) -> dict:
-    """Per task: items, acc, acc_norm, gen_acc, disagree, prefers_generation (mean, SE, n)."""
-    out = {}
-    for task in sorted(set(ds["task"].values.tolist())):
-        rows = ds["task"].values == task
-        entry = {"items": int(rows.sum())}
-        for key, name in (("acc", "correct"), ("acc_norm", "correct_norm"), ("gen_acc", "generation_correct"), ("disagree", "disagree"), ("prefers_generation", "prefers_generation")):
-            mean, se, count = mean_se(ds[name].values[rows].astype(float))
-            entry[key], entry[f"{key}_se"], entry[f"{key}_items"] = mean, se, count
-        out[task] = entry
-    return out
+    """``colaprob.tasks.summarise`` as a dict: task -> {items, acc, acc_se, acc_items, ...}."""
+    table = tasks.summarise(ds)
+    return {
+        str(task): {"items": int(table["items"].sel(task=task)), **{name: table[name].sel(task=task).item() for name in table.data_vars if name != "items"}}
+        for task in table["task"].values
+    }
 
 
 def report(ds: xr.Dataset, args) -> None:
