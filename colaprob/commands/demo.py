@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prior-samples", type=_shared.positive_int, default=8, help="prior draws per block for the probes (default: 8)")
     parser.add_argument("--batch-size", type=_shared.positive_int, default=4, help="documents per scoring batch (default: 4)")
     parser.add_argument("--cloze-items", type=_shared.positive_int, default=8, help="items of the held-out cloze task (default: 8)")
+    parser.add_argument("--cloze-samples", type=_shared.positive_int, default=4, help="posterior samples per cloze item, shared by its choices (default: 4)")
     # Loose tolerances and the Hutchinson trace keep the tour to minutes on a CPU; the ELBO row
     # always uses the exact trace (see the README on choosing estimator settings).
     _shared.add_cnf_options(parser, default_trace="hutchinson", default_tolerance=1e-3)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         model, identity = _shared.load_model(args.model, ctx.device)
         corpus = heldout_subset(args.sequences, args.max_bytes)
         settings = {**identity, "sequences": args.sequences, "max_bytes": args.max_bytes, "K": args.samples, "elbo_K": args.elbo_samples,
-                    "n_prior": args.prior_samples, "batch_size": args.batch_size, "cloze_items": args.cloze_items, "trace": args.trace,
+                    "n_prior": args.prior_samples, "batch_size": args.batch_size, "cloze_items": args.cloze_items, "cloze_K": args.cloze_samples, "trace": args.trace,
                     **cnf_options, "seed": args.seed, "device_type": ctx.device.type}
         if ctx.is_main:
             claim_folder(out, settings, args.overwrite)
@@ -133,7 +134,8 @@ CLOZE = "cloze.jsonl"
 
 
 def evaluate_cloze(args, ctx, out: Path, model):
-    """``colaprob eval cloze.jsonl`` into ``cloze.nc`` with the IWAE row's settings; the file
+    """``colaprob eval cloze.jsonl`` into ``cloze.nc`` with the IWAE row's solver settings and
+    ``--cloze-samples``; the file
     (the task and the model's generations) is written once, by rank 0."""
     from colaprob.commands import eval as eval_command
 
@@ -142,7 +144,7 @@ def evaluate_cloze(args, ctx, out: Path, model):
     ctx.barrier()
     parser = argparse.ArgumentParser()
     eval_command.add_arguments(parser)
-    options = ["--model", args.model, "--task", "embedded_cloze", "--trace", args.trace, "-K", args.samples, "--seed", args.seed,
+    options = ["--model", args.model, "--task", "embedded_cloze", "--trace", args.trace, "-K", args.cloze_samples, "--seed", args.seed,
                "--method", args.method, "--probes", args.probes, "-o", out / "cloze.nc",
                *(["--steps", args.steps] if args.steps else ["--rtol", args.rtol, "--atol", args.atol]),
                *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else [])]
