@@ -16,6 +16,7 @@ from colaprob.errors import ColaprobError
 
 COMMANDS = {
     "score": "colaprob.commands.score",
+    "eval": "colaprob.commands.eval",
     "decompose": "colaprob.commands.decompose",
     "probe": "colaprob.commands.probe",
     "viz": "colaprob.commands.viz",

@@ -279,3 +279,34 @@ def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None)
     text = "".join(_label(token_label, t) for t in gold)
     ax_r.set_title(f"Decoder on the same plane: block {text!r}\n(black lines: where each token stops decoding to gold)")
     return fig
+
+
+TASK_STYLE = {
+    "acc": ("acc (likelihood)", "#4c72b0"),
+    "acc_norm": ("acc_norm (likelihood per byte)", "#8fa8d6"),
+    "gen_acc": ("acc (generation, official match)", "#c44e52"),
+    "disagree": ("likelihood and generation disagree", "#8172b2"),
+    "prefers_generation": ("log p prefers own generation", "#55a868"),
+}
+
+
+def plot_task_accuracy(summary: xr.Dataset, ax=None) -> Figure:
+    """Per task, accuracy by likelihood beside accuracy by generation (``colaprob.tasks.
+    summarise`` of a ``colaprob eval`` result): one bar per quantity with its standard error
+    over items; a quantity a task does not define (no choices, no generations) is left out.
+    ``ax``: draw into this axes (its figure is returned) instead of a new figure."""
+    names = [str(t) for t in summary["task"].values]
+    fig = Figure(figsize=(max(5.0, 1.6 * len(names) + 2), 3.6), layout="constrained") if ax is None else ax.figure
+    ax = fig.add_subplot() if ax is None else ax
+    width = 0.8 / len(TASK_STYLE)
+    for j, (key, (label, colour)) in enumerate(TASK_STYLE.items()):
+        x = np.arange(len(names)) + (j - (len(TASK_STYLE) - 1) / 2) * width
+        mean, se, n = (summary[k].values.astype(float) for k in (key, f"{key}_se", f"{key}_items"))
+        shown = n > 0
+        ax.bar(x[shown], mean[shown], width, yerr=np.nan_to_num(se[shown]), color=colour, label=label, capsize=2)
+    ax.set_xticks(np.arange(len(names)), [f"{t}\n({int(i)} items)" for t, i in zip(names, summary["items"].values)])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of items")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("likelihood against generation, per task (± SE over items)", fontsize=9)
+    return fig

@@ -57,3 +57,8 @@ def test_iwae_bench_measures_memory_in_fresh_processes():
 def test_demo_bench_times_the_demo_end_to_end():
     out = run_bench("demo.py")
     assert "median wall s" in out and "IWAE" in out
+
+
+def test_shared_context_bench_counts_rows_of_both_paths():
+    out = run_bench("shared_context.py")
+    assert "rows ratio" in out and "max |diff| log p" in out

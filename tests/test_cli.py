@@ -114,6 +114,7 @@ def test_demo_writes_the_report_folder_and_resumes(tmp_path, fixture):
     folder = tmp_path / "demo"
     assert {"README.md", "demo.json", "heldout.jsonl", "scores_elbo.nc", "scores_iwae.nc", "report"} <= {p.name for p in folder.iterdir()}
     assert (folder / "report" / "summary.md").exists() and (folder / "report" / "decomposition.png").exists()
+    assert "held-out cloze" in first.out and {"cloze.jsonl", "cloze.nc"} <= {p.name for p in folder.iterdir()}
     again = run_cli(*args)
     assert again.code == 0 and again.out == first.out
     refused = run_cli(*args[:-len(CHEAP_CNF)], "--seed", "1", *CHEAP_CNF)

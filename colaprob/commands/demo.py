@@ -8,7 +8,12 @@
    probe) (``scores_<name>.nc``, through the same resumable runner as ``colaprob score``).
 3. Runs every diagnostic (``colaprob.diagnostics.report``: decomposition, probes,
    information curve, latent geometry) into ``report/`` (NetCDF, PNG, ``summary.md``).
-4. Writes ``README.md`` with the headline table and prints it.
+4. Builds the embedded model's own task, a held-out multiple-choice cloze
+   (``colaprob.tasks.embedded_cloze``), lets the model generate a continuation of every
+   context, writes it in the official evaluation format (``cloze.jsonl``) and runs
+   ``colaprob eval`` on it (``cloze.nc``): accuracy by likelihood beside accuracy by
+   generation.
+5. Writes ``README.md`` with the headline tables and prints them.
 
 Rerunning the same command resumes: finished scores are read back, unfinished ones continue
 from their last saved batch, and a finished report is kept. Other settings on an existing
@@ -42,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-K", "--samples", type=_shared.positive_int, default=8, help="posterior samples for IWAE, the decomposition and the probes (default: 8)")
     parser.add_argument("--prior-samples", type=_shared.positive_int, default=8, help="prior draws per block for the probes (default: 8)")
     parser.add_argument("--batch-size", type=_shared.positive_int, default=4, help="documents per scoring batch (default: 4)")
+    parser.add_argument("--cloze-items", type=_shared.positive_int, default=8, help="items of the held-out cloze task (default: 8)")
+    parser.add_argument("--cloze-samples", type=_shared.positive_int, default=4, help="posterior samples per cloze item, shared by its choices (default: 4)")
     # Loose tolerances and the Hutchinson trace keep the tour to minutes on a CPU; the ELBO row
     # always uses the exact trace (see the README on choosing estimator settings).
     _shared.add_cnf_options(parser, default_trace="hutchinson", default_tolerance=1e-3)
@@ -59,19 +66,20 @@ def run(args: argparse.Namespace) -> int:
         model, identity = _shared.load_model(args.model, ctx.device)
         corpus = heldout_subset(args.sequences, args.max_bytes)
         settings = {**identity, "sequences": args.sequences, "max_bytes": args.max_bytes, "K": args.samples, "elbo_K": args.elbo_samples,
-                    "n_prior": args.prior_samples, "batch_size": args.batch_size, "trace": args.trace,
+                    "n_prior": args.prior_samples, "batch_size": args.batch_size, "cloze_items": args.cloze_items, "cloze_K": args.cloze_samples, "trace": args.trace,
                     **cnf_options, "seed": args.seed, "device_type": ctx.device.type}
         if ctx.is_main:
             claim_folder(out, settings, args.overwrite)
             write_corpus(out / "heldout.jsonl", corpus)
         ctx.barrier()
         scores = {name: score_corpus(args, ctx, out, name, estimator) for name, estimator in ESTIMATES}
+        cloze = evaluate_cloze(args, ctx, out, model)
         if ctx.is_main:
             rows = _shared.cut_rows(model, [(doc, "heldout.jsonl") for doc in corpus], split=True)
             diagnostics = diagnose(model, args, out, [row.document.text for row in rows], cnf_options)
             headline = headline_rows(scores)
-            results.write_text(readme(headline, diagnostics, args), out / "README.md")
-            show(headline, diagnostics, args)
+            results.write_text(readme(headline, diagnostics, cloze, args), out / "README.md")
+            show(headline, diagnostics, cloze, args)
     finally:
         distributed.shutdown(ctx)
     return 0
@@ -106,6 +114,7 @@ def claim_folder(out: Path, settings: dict, overwrite: bool) -> None:
     results.check_writable(manifest)
     if overwrite:
         (out / "report" / "summary.md").unlink(missing_ok=True)
+        (out / CLOZE).unlink(missing_ok=True)
     results.write_text(json.dumps({runner.RUN_KEY: key, "settings": settings}, indent=2, sort_keys=True, default=str) + "\n", manifest)
 
 
@@ -123,6 +132,60 @@ def score_corpus(args, ctx, out: Path, name: str, estimator: str):
     job = score.prepare(score_args, ctx)
     return runner.run(job.plan, job.score_batch, score_args.output, finish=score.finish, ctx=ctx,
                       overwrite=args.overwrite, progress=not args.quiet, desc=f"scoring ({name})")
+
+
+CLOZE = "cloze.jsonl"
+
+
+def evaluate_cloze(args, ctx, out: Path, model):
+    """``colaprob eval cloze.jsonl`` into ``cloze.nc`` with the IWAE row's solver settings and
+    ``--cloze-samples``; the file
+    (the task and the model's generations) is written once, by rank 0."""
+    from colaprob.commands import eval as eval_command
+
+    if ctx.is_main and not (out / CLOZE).exists():
+        write_cloze(model, out / CLOZE, args.cloze_items, args.seed)
+    ctx.barrier()
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    options = ["--model", args.model, "--task", "embedded_cloze", "--trace", args.trace, "-K", args.cloze_samples, "--seed", args.seed,
+               "--method", args.method, "--probes", args.probes, "-o", out / "cloze.nc",
+               *(["--steps", args.steps] if args.steps else ["--rtol", args.rtol, "--atol", args.atol]),
+               *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else [])]
+    eval_args = parser.parse_args([str(out / CLOZE), *map(str, options)])
+    job = eval_command.prepare(eval_args, ctx)
+    return runner.run(job.plan, job.score_batch, eval_args.output, finish=job.finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="cloze")
+
+
+def write_cloze(model, path: Path, n_items: int, seed: int) -> None:
+    """The held-out cloze task in the official format, ``generate`` being the model's own
+    greedy continuation (two DiT blocks of tokens) of each context."""
+    from colaprob import generate, tasks
+
+    task = tasks.embedded_cloze(n_items)
+    sampling = generate.Sampling(max_new_tokens=2 * model.patch_size * model.block_size)
+    generations = generate.generate(model, [item.context for item in task.items], sampling, seed=seed)
+    lines = [
+        json.dumps({"id": item.id, "prompt": item.context, "ground_truth": item.ground_truth, "choices": item.choice_texts, "generate": text})
+        for item, text in zip(task.items, generations)
+    ]
+    results.write_text("".join(line + "\n" for line in lines), path)
+
+
+def cloze_table(cloze) -> str:
+    """The cloze section of the demo's README."""
+    cells = _cloze_cells(cloze_row(cloze))
+    head = "| " + " | ".join(h for _, h in CLOZE_COLUMNS) + " |\n|" + "---|" * len(CLOZE_COLUMNS) + "\n"
+    body = "| " + " | ".join(str(cells[k]) for k, _ in CLOZE_COLUMNS) + " |\n"
+    return (
+        "## A task of its own: held-out cloze\n\n"
+        "Each item is a held-out piece of the embedded corpus cut before its last word; the choices are that word and three "
+        "held-out words of the same length (`cloze.jsonl`, built by `colaprob.tasks.embedded_cloze`). `acc (likelihood)`: the "
+        "choice of highest log p(choice | context) is the word; `acc (generation)`: the first word of the model's own greedy "
+        "continuation is the word (the LAMBADA rule); `disagree`: the share of items where the two verdicts differ; "
+        "`log p prefers own generation`: the share where log p(generation) > log p(word). Mean ± standard error over items "
+        "(chance: 0.25).\n\n" + head + body + "\n"
+    )
 
 
 def write_corpus(path: Path, documents: list) -> None:
@@ -165,12 +228,28 @@ def _table_rows(headline: list[dict]) -> list[dict]:
             for row in headline]
 
 
-def show(headline: list[dict], diagnostics: dict, args) -> None:
+def cloze_row(cloze) -> dict:
+    """The cloze task's line of ``colaprob eval``'s summary."""
+    from colaprob.commands import eval as eval_command
+
+    return eval_command.summary(cloze)["embedded_cloze"]
+
+
+CLOZE_COLUMNS = [("items", "cloze items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"),
+                 ("disagree", "disagree"), ("prefers_generation", "log p prefers own generation")]
+
+
+def _cloze_cells(row: dict) -> dict:
+    cell = lambda key: "-" if not row[f"{key}_items"] else _shared.plus_minus(row[key], row[f"{key}_se"])
+    return {"items": row["items"], **{key: cell(key) for key, _ in CLOZE_COLUMNS[1:]}}
+
+
+def show(headline: list[dict], diagnostics: dict, cloze, args) -> None:
     from colaprob.commands import decompose
 
     dec = decompose.summary(diagnostics["decomposition"])
     if args.json:
-        _shared.print_json({"scores": headline, "decomposition": dec, "output_dir": str(args.output_dir)})
+        _shared.print_json({"scores": headline, "decomposition": dec, "cloze": cloze_row(cloze), "output_dir": str(args.output_dir)})
         return
     print(f"{headline[0]['sequences']} held-out documents, {headline[0]['tokens']} tokens, model {args.model}")
     _shared.print_table(_table_rows(headline), COLUMNS)
@@ -179,10 +258,12 @@ def show(headline: list[dict], diagnostics: dict, args) -> None:
         f"I_q(X;Z) {dec['mutual_information']:.3f}, KL(q_bar||p) {dec['marginal_kl']:.3f} nats/sequence; "
         f"active units {dec['active_units']}/{dec['channels']}"
     )
+    print("held-out cloze (4 choices, chance 0.25): accuracy by likelihood beside accuracy of the model's own generation")
+    _shared.print_table([_cloze_cells(cloze_row(cloze))], CLOZE_COLUMNS)
     print(f"report: {args.output_dir / 'README.md'} (figures and NetCDF in {args.output_dir / 'report'})")
 
 
-def readme(headline: list[dict], diagnostics: dict, args) -> str:
+def readme(headline: list[dict], diagnostics: dict, cloze, args) -> str:
     from colaprob.commands import decompose
 
     dec = decompose.summary(diagnostics["decomposition"])
@@ -201,6 +282,7 @@ def readme(headline: list[dict], diagnostics: dict, args) -> str:
         f"{dec['rate_nats_per_token']:.4f} nats/token; I_q(X;Z) = {dec['mutual_information']:.3f} ± "
         f"{dec['mutual_information_se']:.3f} and KL(q_bar || p_psi) = {dec['marginal_kl']:.3f} ± {dec['marginal_kl_se']:.3f} "
         f"nats/sequence on the first {dec['window_blocks']} blocks; {dec['active_units']} of {dec['channels']} channels active.\n\n"
-        "Files: `scores_*.nc` (one row per document), `report/summary.md` (every diagnostic and how to read it), "
+        + cloze_table(cloze) +
+        "Files: `scores_*.nc` (one row per document), `cloze.jsonl` and `cloze.nc` (the cloze task and its evaluation), `report/summary.md` (every diagnostic and how to read it), "
         "`report/*.png`, `report/*.nc`, `demo.json` (settings).\n"
     )

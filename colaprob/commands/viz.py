@@ -1,8 +1,9 @@
 """``colaprob viz``: the figure of a diagnostics file, as PNG.
 
-Takes a NetCDF file written by ``colaprob decompose``, ``colaprob probe`` or a report
-folder (``decomposition``, ``probes``, ``probe_summary``, ``information_curve``,
-``embedding``, ``density_slice``) and draws it with ``colaprob.diagnostics.plots``; the
+Takes a NetCDF file written by ``colaprob decompose``, ``colaprob probe``, ``colaprob eval``
+(the per-task comparison of accuracy by likelihood and by generation) or a report folder
+(``decomposition``, ``probes``, ``probe_summary``, ``information_curve``, ``embedding``,
+``density_slice``) and draws it with ``colaprob.diagnostics.plots``; the
 file's ``diagnostic`` attribute says which figure. Token ids are labelled with the text of
 the model named in the file (or ``--model``).
 """
@@ -21,7 +22,7 @@ HELP = "draw the figure of a diagnostics NetCDF file (decompose, probe, report) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, metavar="FILE.nc", help="a NetCDF file from decompose, probe or a report folder")
+    parser.add_argument("file", type=Path, metavar="FILE.nc", help="a NetCDF file from decompose, probe, eval or a report folder")
     parser.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: FILE with .png, or FILE_sequence<k>.png for probes)")
     parser.add_argument("--sequence", type=_shared.non_negative_int, default=0, help="probes: the sequence to draw (default: 0)")
     parser.add_argument("--model", default=None, help="label tokens with this model's tokenizer (default: the model named in the file)")
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def draw(kind: str, ds, sequence: int, label) -> dict:
     """``{file-name suffix: figure}`` for a dataset of diagnostic ``kind``."""
+    from colaprob import tasks
     from colaprob.diagnostics import plots
 
     if kind == "probes":
@@ -66,10 +68,11 @@ def draw(kind: str, ds, sequence: int, label) -> dict:
         "information_curve": plots.plot_information_curve,
         "embedding": lambda d: plots.plot_embedding(d, token_label=label),
         "density_slice": lambda d: plots.plot_density_slice(d, token_label=label),
+        "task_evaluation": lambda d: plots.plot_task_accuracy(tasks.summarise(d)),
     }
     if kind not in drawers:
         raise ColaprobError(
-            f"no figure for this file (diagnostic {kind!r}); viz draws files of decompose, probe and report "
+            f"no figure for this file (diagnostic {kind!r}); viz draws files of decompose, probe, eval and report "
             f"({', '.join(['probes', *drawers])})."
         )
     return {"": drawers[kind](ds)}

@@ -1,0 +1,248 @@
+"""``colaprob eval``: task accuracy by likelihood beside accuracy by generation, on the
+official evaluation files.
+
+Every item of every file (``colaprob.tasks.read_official``; the file name, or ``--task``,
+names the task) is scored with ``colaprob.estimators.continuations``: ``log p(continuation |
+context)`` of every choice (of the answer, for an open task) and of the model's own
+``generate``, all on the same posterior draws, the context's blocks integrated once per item.
+From those:
+
+* ``acc``: the choice of highest ``log p`` is the answer; ``acc_norm``: the same per byte of
+  the choice (lm-evaluation-harness's definitions), each with the standard error of a mean
+  over items (multiple-choice tasks only);
+* ``gen_acc``: the official string match of ``generate`` (``colaprob.tasks.generation_correct``);
+* ``disagree``: the share of items where ``acc`` and ``gen_acc`` differ;
+* ``prefers_generation``: the share of items where ``log p(generate) > log p(answer)``
+  (items whose generation is the answer itself are left out).
+
+Items run in batches of ``--batch-size``, each saved as it finishes (``colaprob.runner``), so
+an interrupted run resumes; the result is one NetCDF file with dims ``item`` and ``choice``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from colaprob import distributed, results, runner, tasks
+from colaprob.commands import _shared
+from colaprob.errors import ColaprobError
+
+HELP = "task accuracy: multiple choice by likelihood beside the official string match of the generations (NetCDF)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="FILE", help="official-format JSONL files ({id, prompt, ground_truth, generate?, choices?, few_shot_prefix?})")
+    parser.add_argument("--task", help="the task's name when there is one FILE (default: the file name's stem, e.g. mmlu); it selects the string-match rule")
+    _shared.add_model_options(parser)
+    group = parser.add_argument_group("estimator")
+    group.add_argument("-K", "--samples", type=_shared.positive_int, default=16, help="posterior samples per item, shared by its choices (default: 16)")
+    group.add_argument("--chunk-size", type=_shared.positive_int, default=32, help="samples solved together, to bound memory (default: 32)")
+    group.add_argument("--batch-size", type=_shared.positive_int, default=4, help="items per batch and per saved shard (default: 4)")
+    _shared.add_cnf_options(parser)
+    _shared.add_output_options(parser, "eval.nc")
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = distributed.from_environment(args.device)
+    try:
+        job = prepare(args, ctx)
+        merged = runner.run(job.plan, job.score_batch, args.output, finish=job.finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="items")
+    finally:
+        distributed.shutdown(ctx)
+    if ctx.is_main:
+        report(merged, args)
+    return 0
+
+
+def prepare(args, ctx) -> "Job":
+    """Read and check everything, so a mistake stops the run before any file is written."""
+    if args.task is not None and len(args.inputs) > 1:
+        raise ColaprobError(f"--task names one file's task, but {len(args.inputs)} files were given; run them separately or drop --task.")
+    cnf_options = _shared.cnf_options(args)
+    task_list = [tasks.read_official(path, args.task) for path in args.inputs]
+    if len({t.name for t in task_list}) < len(task_list):
+        raise ColaprobError("two input files have the same task name; give each task once.")
+    model, identity = _shared.load_model(args.model, ctx.device)
+    items = [(task, item) for task in task_list for item in task.items]
+    check_lengths(model, items)
+    results.check_writable(args.output)
+    for task in task_list:  # after the checks, so that a refusal is one line
+        for warning in task.warnings:
+            print(f"colaprob: warning: {warning}", file=sys.stderr)
+    return Job(args, model, identity, items, cnf_options)
+
+
+def check_lengths(model, items) -> None:
+    """Refuse, before any work, an item longer than the model's limit."""
+    from colaprob.estimators.continuations import frame_continuations
+
+    for task, item in items:
+        try:
+            frame_continuations(model, [item.context], [continuations(item)])
+        except ValueError as err:
+            length = str(err).split(" is ", 1)[-1].split(";")[0]
+            raise ColaprobError(f"{task.name} item {item.id} is {length}; task contexts are not cut, so use a model with a longer context.") from None
+
+
+def continuations(item: tasks.TaskItem) -> list[str]:
+    """What is scored for an item: its choices, then its generation when it has one."""
+    return item.choices + ([item.generate] if item.generate is not None else [])
+
+
+def fingerprint(items) -> str:
+    canonical = json.dumps([[t.name, i.id, i.context, i.choices, i.gold, i.generate] for t, i in items], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+class Job:
+    """Everything ``runner.run`` needs: the items, the model and the settings."""
+
+    def __init__(self, args, model, identity, items, cnf_options):
+        self.args, self.model, self.items, self.cnf_options = args, model, items, cnf_options
+        self.n_choices = max(len(item.choices) for _, item in items)
+        settings = {
+            **identity,
+            "inputs": [path.name for path in args.inputs],
+            "tasks": sorted({task.name for task, _ in items}),
+            "input_fingerprint": fingerprint(items),
+            "K": args.samples,
+            "chunk_size": args.chunk_size,
+            "trace": args.trace,
+            **cnf_options,
+            "seed": args.seed,
+        }
+        self.plan = runner.Plan(settings, n_items=len(items), batch_size=args.batch_size)
+
+    def score_batch(self, positions: range) -> xr.Dataset:
+        chosen = [self.items[i] for i in positions]
+        options = dict(seed=self.args.seed, chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
+        return score_items(self.model, chosen, self.args.samples, positions, self.n_choices, **options)
+
+    def finish(self, merged: xr.Dataset) -> xr.Dataset:
+        """``finish`` with what each item is: its task and its id in the file. (Added to the
+        merged result, not to the shards: text of varying width is stored whole only once.)"""
+        return with_labels(merged, [self.items[i] for i in merged["sequence"].values])
+
+
+def score_items(model, chosen, n_samples: int, item_ids, n_choices: int, **options) -> xr.Dataset:
+    """The scores of ``chosen`` ``(task, item)`` pairs over ``sequence`` (see ``batch_dataset``)."""
+    from colaprob.estimators.continuations import continuation_log_prob
+
+    contexts, scored = [item.context for _, item in chosen], [continuations(item) for _, item in chosen]
+    ds = continuation_log_prob(model, contexts, scored, n_samples, item_ids=list(item_ids), **options)
+    return batch_dataset(ds, chosen, n_choices)
+
+
+def evaluate(model, task: tasks.Task, n_samples: int = 16, **options) -> xr.Dataset:
+    """What ``colaprob eval`` computes for one task, in this process (no files): the dataset
+    over ``item`` and ``choice``. ``options``: ``seed``, ``chunk_size``, ``trace`` and the CNF
+    options of ``continuation_log_prob``."""
+    chosen = [(task, item) for item in task.items]
+    ds = score_items(model, chosen, n_samples, range(len(chosen)), max(len(i.choices) for i in task.items), **options)
+    return with_labels(ds, chosen)
+
+
+def with_labels(ds: xr.Dataset, chosen) -> xr.Dataset:
+    """``finish`` with what each item is: its task and its id in the file."""
+    ds["task"] = ("sequence", np.array([task.name for task, _ in chosen], dtype=object))
+    ds["item_id"] = ("sequence", np.array([item.id for _, item in chosen], dtype=object))
+    return finish(ds)
+
+
+CHOICE_VARIABLES = ("log_likelihood", "log_likelihood_se", "n_tokens", "n_bytes", "khat", "choice_valid")
+
+
+def batch_dataset(ds: xr.Dataset, chosen, n_choices: int) -> xr.Dataset:
+    """The scores of a batch on the ``sequence`` (item) and ``choice`` grid of the run, the
+    generation's own score split off, and what each item is."""
+    n = len(chosen)
+    out = {}
+    has_generate = np.array([item.generate is not None for _, item in chosen])
+    n_real = np.array([len(item.choices) for _, item in chosen])
+    for name in CHOICE_VARIABLES:
+        values = ds[name].values
+        grid = np.full((n, n_choices), False if values.dtype == bool else (0 if values.dtype.kind == "i" else np.nan), dtype=values.dtype)
+        gen = np.full(n, np.nan)
+        for row in range(n):
+            grid[row, : n_real[row]] = values[row, : n_real[row]]
+            if has_generate[row]:
+                gen[row] = values[row, n_real[row]]
+        out[name] = (("sequence", "choice"), grid)
+        if name != "choice_valid":
+            out[f"generate_{name}"] = ("sequence", gen)
+    out["gold"] = ("sequence", np.array([item.gold for _, item in chosen]))
+    out["multiple_choice"] = ("sequence", np.array([item.choice_texts is not None for _, item in chosen]))
+    out["has_generate"] = ("sequence", has_generate)
+    out["generate_is_gold"] = ("sequence", np.array([item.generate is not None and item.generate == item.choices[item.gold] for _, item in chosen]))
+    verdicts = [tasks.generation_correct(task.name, item) for task, item in chosen]
+    out["generation_correct"] = ("sequence", np.array([np.nan if v is None else float(v) for v in verdicts]))
+    out["batch_nfe"] = ("sequence", np.full(n, int(ds.attrs["nfe"])))
+    out["batch_dit_rows"] = ("sequence", np.full(n, int(ds.attrs["dit_rows"])))
+    keep = {k: v for k, v in ds.attrs.items() if k not in ("nfe", "dit_rows", "dit_history_rows")}
+    return xr.Dataset(out, coords={"choice": np.arange(n_choices)}, attrs=keep)
+
+
+def finish(merged: xr.Dataset) -> xr.Dataset:
+    """Choices and verdicts of every item, on the dims ``item`` and ``choice``."""
+    ds = merged.rename({"sequence": "item"})
+    valid = ds["choice_valid"].values.astype(bool)
+    ll = np.where(valid, ds["log_likelihood"].values, -np.inf)
+    per_byte = np.where(valid, ds["log_likelihood"].values / np.maximum(ds["n_bytes"].values, 1), -np.inf)
+    mc = ds["multiple_choice"].values.astype(bool)
+    gold = ds["gold"].values
+    ds["chosen"] = ("item", np.where(mc, ll.argmax(1), -1))
+    ds["chosen_norm"] = ("item", np.where(mc, per_byte.argmax(1), -1))
+    ds["correct"] = ("item", np.where(mc, (ds["chosen"].values == gold).astype(float), np.nan))
+    ds["correct_norm"] = ("item", np.where(mc, (ds["chosen_norm"].values == gold).astype(float), np.nan))
+    gold_ll = np.take_along_axis(ds["log_likelihood"].values, gold[:, None], 1)[:, 0]
+    compared = ds["has_generate"].values.astype(bool) & ~ds["generate_is_gold"].values.astype(bool)
+    ds["prefers_generation"] = ("item", np.where(compared, (ds["generate_log_likelihood"].values > gold_ll).astype(float), np.nan))
+    both = mc & ~np.isnan(ds["generation_correct"].values)
+    ds["disagree"] = ("item", np.where(both, (ds["correct"].values != ds["generation_correct"].values).astype(float), np.nan))
+    for name, doc in DESCRIPTIONS.items():
+        ds[name].attrs["description"] = doc
+    ds.attrs["diagnostic"] = "task_evaluation"
+    return ds
+
+
+DESCRIPTIONS = {
+    "log_likelihood": "log p(continuation | context), nats: IWAE-K difference on common draws (consistent, not a bound)",
+    "generate_log_likelihood": "log p(generate | context) of the model's own generation, on the same draws",
+    "correct": "acc: the choice of highest log p is the answer (multiple choice only)",
+    "correct_norm": "acc_norm: the choice of highest log p per byte is the answer",
+    "generation_correct": "the official string match of generate (colaprob.tasks.generation_correct)",
+    "prefers_generation": "log p(generate) > log p(answer); NaN without a generation or when it is the answer",
+    "disagree": "correct != generation_correct (multiple choice with a generation)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+def summary(ds: xr.Dataset) -> dict:
+    """``colaprob.tasks.summarise`` as a dict: task -> {items, acc, acc_se, acc_items, ...}."""
+    table = tasks.summarise(ds)
+    return {
+        str(task): {"items": int(table["items"].sel(task=task)), **{name: table[name].sel(task=task).item() for name in table.data_vars if name != "items"}}
+        for task in table["task"].values
+    }
+
+
+def report(ds: xr.Dataset, args) -> None:
+    table = summary(ds)
+    if args.json:
+        _shared.print_json({"tasks": table, "estimator": ds.attrs.get("estimator", ""), "output": str(args.output)})
+        return
+    cell = lambda e, key: "-" if not e[f"{key}_items"] else (_shared.plus_minus(e[key], e[f"{key}_se"]) if e[f"{key}_items"] > 1 else f"{e[key]:.4f}")
+    rows = [{"task": task, "items": e["items"], **{key: cell(e, key) for key in ("acc", "acc_norm", "gen_acc", "disagree", "prefers_generation")}} for task, e in table.items()]
+    columns = [("task", "task"), ("items", "items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"), ("disagree", "disagree"), ("prefers_generation", "log p prefers own generation")]
+    _shared.print_table(rows, columns)
+    print(f"K={ds.attrs.get('K')} posterior samples per item; ± is the standard error over items; results: {args.output}")

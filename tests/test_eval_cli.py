@@ -1,0 +1,107 @@
+"""``colaprob eval`` on the eight official task files (written by the tests) with the fixture
+checkpoint."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import colaprob
+from colaprob import results, tasks
+from colaprob.estimators.continuations import continuation_log_prob
+
+from cli_support import FAST, assert_one_line_error, checkpoint_with_limit, run_cli
+from test_tasks import OFFICIAL, write_official
+
+FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny-a"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("official")
+    paths = write_official(folder)
+    output = folder / "eval.nc"
+    outcome = run_cli("eval", *paths, "--model", FIXTURE, *FAST, "-o", output)
+    return outcome, results.read_dataset(output), paths, output
+
+
+def test_all_eight_tasks_run_and_print_one_row_each(evaluated):
+    outcome, ds, _, _ = evaluated
+    assert outcome.code == 0, outcome.err
+    for name in OFFICIAL:
+        assert any(line.startswith(name + " ") for line in outcome.out.splitlines()), outcome.out
+    assert "acc (likelihood)" in outcome.out and "acc (generation)" in outcome.out
+    assert outcome.err.count("field 'others'") == 4  # named once in each of the four files that have it
+    assert dict(ds.sizes) == {"item": sum(len(v) for v in OFFICIAL.values()), "choice": 4}
+
+
+def test_verdicts_follow_from_the_scores(evaluated):
+    _, ds, _, _ = evaluated
+    mc = ds.multiple_choice.values.astype(bool)
+    ll = np.where(ds.choice_valid.values, ds.log_likelihood.values, -np.inf)
+    assert (ds.chosen.values[mc] == ll[mc].argmax(1)).all()
+    assert (ds.correct.values[mc] == (ds.chosen.values[mc] == ds.gold.values[mc])).all()
+    assert np.isnan(ds.correct.values[~mc]).all()  # open tasks (lambada, squad): no choice to make
+    per_byte = ll / np.maximum(ds.n_bytes.values, 1)
+    assert (ds.chosen_norm.values[mc] == per_byte[mc].argmax(1)).all()
+    expected = [float(tasks.generation_correct(t, item)) for t in OFFICIAL for item in tasks.read_official(_file(evaluated, t)).items]
+    assert ds.generation_correct.values.tolist() == expected
+    assert np.isfinite(ds.generate_log_likelihood.values).all() and np.isfinite(ds.log_likelihood_se.values[ds.choice_valid.values]).all()
+    # obqa's generation is its answer: no preference to report; mmlu item 8's is not
+    rows = {(t, i): n for n, (t, i) in enumerate(zip(ds.task.values, ds.item_id.values))}
+    assert np.isnan(ds.prefers_generation.values[rows[("obqa", "0")]])
+    assert np.isfinite(ds.prefers_generation.values[rows[("mmlu", "8")]])
+
+
+def _file(evaluated, name):
+    return next(p for p in evaluated[2] if p.stem == name)
+
+
+def test_scores_are_the_continuation_estimator_on_the_framed_item(evaluated):
+    _, ds, _, _ = evaluated
+    model = colaprob.load(str(FIXTURE))
+    task = tasks.read_official(_file(evaluated, "mmlu"))
+    position = int(np.nonzero((ds.task.values == "mmlu"))[0][1])
+    item = task.items[1]
+    direct = continuation_log_prob(
+        model, [item.context], [item.choices + [item.generate]], 2, item_ids=[position], trace="hutchinson", method="euler", steps=2
+    )
+    assert np.allclose(ds.log_likelihood.values[position], direct.log_likelihood.values[0, :4], atol=1e-4)
+    assert np.isclose(ds.generate_log_likelihood.values[position], direct.log_likelihood.values[0, 4], atol=1e-4)
+
+
+def test_a_rerun_reads_the_result_back_and_json_summarises(evaluated):
+    _, ds, paths, output = evaluated
+    outcome = run_cli("eval", *paths, "--model", FIXTURE, *FAST, "-o", output, "--json")
+    assert outcome.code == 0
+    summary = json.loads(outcome.out)
+    assert set(summary["tasks"]) == set(OFFICIAL)
+    assert summary["tasks"]["mmlu"]["items"] == 2 and summary["tasks"]["lambada"]["acc"] is None
+    assert summary["tasks"]["siqa"]["gen_acc"] == 1.0
+    assert np.array_equal(results.read_dataset(output).log_likelihood.values, ds.log_likelihood.values, equal_nan=True)
+
+
+def test_bad_input_is_one_sentence(tmp_path):
+    (path,) = write_official(tmp_path, ["mmlu"])
+    assert_one_line_error(run_cli("eval", tmp_path / "none.jsonl", "--model", FIXTURE, *FAST), "does not exist")
+    assert_one_line_error(run_cli("eval", path, path.with_name("x.jsonl"), "--task", "mmlu", "--model", FIXTURE, *FAST), "--task")
+    limited = checkpoint_with_limit(FIXTURE, tmp_path / "limited", 16)
+    outcome = run_cli("eval", path, "--model", limited, *FAST, "-o", tmp_path / "out.nc")
+    assert_one_line_error(outcome, "mmlu item 0", "limit of 16")
+    assert not (tmp_path / "out.nc").exists()
+
+
+def test_viz_draws_the_per_task_comparison(evaluated, tmp_path):
+    _, _, _, output = evaluated
+    outcome = run_cli("viz", output, "-o", tmp_path / "tasks.png", "--no-labels")
+    assert outcome.code == 0, outcome.err
+    assert (tmp_path / "tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_means_and_standard_errors_over_items(evaluated):
+    _, ds, _, _ = evaluated
+    table = tasks.summarise(ds)
+    lam = table.sel(task="lambada")
+    assert int(lam["items"]) == 2 and int(lam["acc_items"]) == 0 and np.isnan(float(lam["acc"]))
+    assert float(lam["gen_acc"]) == 0.5 and np.isclose(float(lam["gen_acc_se"]), 0.5)  # one of two: sd 0.707 / sqrt 2
