@@ -34,10 +34,14 @@ def small_model() -> QuadratureModel:
     return QuadratureModel(prior, decoder, patch_size=1, latent_scale=1.2, latent_shift=0.1)
 
 
+def five_texts():
+    return make_batch([torch.tensor(s) for s in ([0, 1], [2, 3], [1, 1], [3, 0], [2, 2])])
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    batch = make_batch([torch.tensor(s) for s in ([0, 1], [2, 3], [1, 1], [3, 0], [2, 2])])
+    batch = five_texts()
     results = report(small_model(), batch, out, model_name="small", token_label="wxyz".__getitem__, sequence=1, options=CHEAP)
     return out, results
 
