@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from colaprob import hub
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.dit import DiT
 from colaprob.errors import ColaprobError
@@ -47,12 +48,15 @@ OPTIONS_FILE = "colaprob.json"
 
 
 def resolve(path_or_name: str | Path) -> Path:
-    """The checkpoint root of a path, or of ``"tiny"`` (the embedded model)."""
+    """The checkpoint root of a path, of ``"tiny"`` (the embedded model), or of a Hugging Face
+    name ``ORG/NAME`` found in the local cache (``colaprob.hub``)."""
     if str(path_or_name) == "tiny":
         if not TINY.is_dir():
             raise ColaprobError(f"the embedded model is not built yet: {TINY} does not exist (the trainer, colaprob train, writes it).")
         return TINY
     root = Path(path_or_name).expanduser()
+    if not root.exists() and hub.is_repo_id(str(path_or_name)):
+        return hub.resolve(str(path_or_name))  # ORG/NAME from the local Hugging Face cache
     if not root.exists():
         raise ColaprobError(f"{root} does not exist.")
     if not root.is_dir():

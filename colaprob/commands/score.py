@@ -82,7 +82,7 @@ def prepare(args, ctx) -> "Job":
     cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
     estimator = choose_estimator(args.estimator, [doc for doc, _ in documents])
-    model, identity = _shared.load_model(args.model, ctx.device)
+    model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
     rows = _shared.cut_rows(model, documents, args.split)
     results.check_writable(args.output)
     return Job(args, ctx, model, identity, rows, estimator, cnf_options)
