@@ -8,6 +8,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from colaprob.diagnostics import plots, report, summarize_probes
 from colaprob.results import read_dataset
@@ -88,3 +89,33 @@ def test_figures_draw_from_the_files_alone(written):
 def test_report_rejects_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="unknown diagnostics"):
         report(small_model(), make_batch([torch.tensor([0, 1])]), tmp_path, options={"probe": {}})
+
+
+def test_every_plot_draws_into_a_callers_figure_and_returns_it(written):
+    out, _ = written
+    load = lambda name: read_dataset(out / f"{name}.nc")  # noqa: E731
+    draw = {
+        "decomposition": lambda **where: plots.plot_decomposition(load("decomposition"), **where),
+        "probes": lambda **where: plots.plot_probes(load("probes"), 1, **where),
+        "probe_summary": lambda **where: plots.plot_probe_summary(load("probe_summary"), **where),
+        "information_curve": lambda **where: plots.plot_information_curve(load("information_curve"), **where),
+        "embedding": lambda **where: plots.plot_embedding(load("embedding"), **where),
+        "density_slice": lambda **where: plots.plot_density_slice(load("density_slice"), **where),
+    }
+    paper = Figure(figsize=(20, 14), layout="constrained")
+    panels = paper.subfigures(2, 3).ravel()
+    for panel, (name, plot) in zip(panels, draw.items()):
+        assert plot(fig=panel) is paper, name
+        assert panel.axes, f"{name} drew nothing into its panel"
+    assert sum(len(panel.axes) for panel in panels) == len(paper.get_axes())
+    buffer = io.BytesIO()
+    paper.savefig(buffer, format="png", dpi=30)
+    assert buffer.getvalue().startswith(b"\x89PNG")
+
+    # Single-map figures also draw into one Axes.
+    for name in ("information_curve", "embedding"):
+        own = Figure()
+        ax = own.subplots()
+        assert draw[name](ax=ax) is own and ax.has_data(), name
+    for name, plot in draw.items():  # without a target: a new figure each time
+        assert isinstance(plot(), Figure) and plot() is not plot(), name
