@@ -36,9 +36,8 @@ def written(tmp_path_factory, fixture_dirs) -> list[Path]:
         outcome = run_cli(*args, "-o", out / f"{name}.nc")
         assert outcome.code == 0, outcome
         paths.append(out / f"{name}.nc")
-    batch = test_plots_report.five_texts()
-    test_plots_report.report(test_plots_report.small_model(), batch, out / "report", options=test_plots_report.CHEAP, progress=False)
-    return paths + sorted((out / "report").glob("*.nc"))
+    report_folder, _ = test_plots_report.small_report(tmp_path_factory)
+    return paths + sorted(report_folder.glob("*.nc"))
 
 
 def test_every_variable_of_every_kind_of_file_is_described(written):

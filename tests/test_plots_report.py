@@ -10,6 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from cli_support import run_cli
 from colaprob.diagnostics import plots, report, summarize_probes
 from colaprob.results import read_dataset
 from colaprob.testing import BlockMixturePrior, CategoricalDecoder, QuadratureModel, make_batch
@@ -39,12 +40,23 @@ def five_texts():
     return make_batch([torch.tensor(s) for s in ([0, 1], [2, 3], [1, 1], [3, 0], [2, 2])])
 
 
+_REPORT = {}
+
+
+def small_report(tmp_path_factory):
+    """``(folder, results)`` of one report of ``small_model`` on five texts, made once per test
+    session (a report takes tens of seconds on a busy CPU) and shared by the test modules
+    that read a report folder."""
+    if not _REPORT:
+        out = tmp_path_factory.mktemp("report")
+        results = report(small_model(), five_texts(), out, model_name="small", token_label="wxyz".__getitem__, sequence=1, options=CHEAP, progress=False)
+        _REPORT["written"] = out, results
+    return _REPORT["written"]
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    batch = five_texts()
-    results = report(small_model(), batch, out, model_name="small", token_label="wxyz".__getitem__, sequence=1, options=CHEAP)
-    return out, results
+    return small_report(tmp_path_factory)
 
 
 def test_report_writes_results_figures_and_summary(written):
@@ -119,3 +131,14 @@ def test_every_plot_draws_into_a_callers_figure_and_returns_it(written):
         assert draw[name](ax=ax) is own and ax.has_data(), name
     for name, plot in draw.items():  # without a target: a new figure each time
         assert isinstance(plot(), Figure) and plot() is not plot(), name
+
+
+@pytest.mark.parametrize(("option", "name", "magic"), [(["--format", "svg"], "decomposition.svg", b"<?xml"), (["-o", "{out}/fig.pdf"], "fig.pdf", b"%PDF")])
+def test_viz_writes_png_pdf_or_svg(written, option, name, magic):
+    out, _ = written
+    option = [o.format(out=out) for o in option]
+    outcome = run_cli("viz", out / "decomposition.nc", "--no-labels", *option)
+    assert outcome.code == 0, outcome
+    assert (out / name).read_bytes().startswith(magic)
+    if name.endswith(".svg"):
+        assert b"<svg" in (out / name).read_bytes()
