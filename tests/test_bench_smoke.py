@@ -57,3 +57,11 @@ def test_iwae_bench_measures_memory_in_fresh_processes():
 def test_demo_bench_times_the_demo_end_to_end():
     out = run_bench("demo.py")
     assert "median wall s" in out and "IWAE" in out
+
+
+def test_install_footprint_bench_measures_this_environment():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "install_footprint.py"), "--quick"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| this |" in out.stdout and "site-packages MB" in out.stdout, out.stdout
