@@ -3,7 +3,7 @@
 ``describe(ds)`` gives each variable of a dataset the CF attributes ``long_name`` and
 ``units`` and a one-line ``description``, and the dataset the CF-1.10 global attributes
 ``Conventions``, ``title``, ``source`` and ``history``. ``colaprob.results.write_dataset``
-calls it on every file it writes, so score, decompose, probe and report files (and the
+applies it (``apply``, in place) to every dataset it writes, so score, decompose, probe and report files (and the
 shards of a run) all describe themselves.
 
 The meanings live in one table, ``VARIABLES``: a name maps to ``Meaning(long_name, units,
@@ -197,10 +197,14 @@ def meaning(name: str) -> Meaning:
 
 
 def describe(ds: xr.Dataset) -> xr.Dataset:
-    """``ds`` with ``long_name``, ``units`` (where known) and ``description`` on every
-    variable and the CF global attributes (module docstring). Attributes already present
-    are kept; ``history`` gains one line. A shallow copy: the data is not copied."""
-    ds = ds.copy()
+    """A shallow copy of ``ds`` (the data is not copied) with the metadata of ``apply``."""
+    return apply(ds.copy())
+
+
+def apply(ds: xr.Dataset) -> xr.Dataset:
+    """Give ``ds`` itself ``long_name``, ``units`` (where known) and ``description`` on every
+    variable and the CF global attributes (module docstring); returns ``ds``. Attributes
+    already present are kept; ``history`` gains one line."""
     for name, variable in ds.variables.items():
         entry = meaning(str(name))
         attrs = {"long_name": entry.long_name, "description": entry.description}

@@ -119,9 +119,10 @@ def provenance(settings: Mapping) -> dict:
 
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``), every
-    variable described for CF readers (``colaprob.metadata.describe``)."""
+    variable described for CF readers: ``colaprob.metadata.apply`` adds the attributes to
+    ``ds`` itself, so the dataset in memory is the one a reader gets back."""
     path = Path(path)
-    ds = _with_storable_strings(cf_metadata.describe(ds))
+    ds = _with_storable_strings(cf_metadata.apply(ds))
     fd, temp = _temp_file_next_to(path)
     os.close(fd)
     try:
