@@ -5,7 +5,9 @@ of an older commit).
 
     python bench/install_footprint.py --env today=/tmp/venv-today --env new=/tmp/venv-new
 
-Each environment is a virtual environment folder with colaprob installed. Timings are wall
+The third timing is ``colaprob.diagnostics`` plus what ``geometry.embedding`` imports with its
+default ``methods``: umap-learn where the default includes UMAP. Each environment is a virtual
+environment folder with colaprob installed. Timings are wall
 seconds of a fresh child process (Python start-up included), the median of ``--repeats``
 runs, the environments interleaved and their order rotated every repeat. ``--quick`` (a
 smoke run that measures nothing) times this interpreter's environment once.
@@ -24,6 +26,14 @@ from pathlib import Path
 PROBES = {
     "import colaprob": ["{python}", "-c", "import colaprob"],
     "colaprob score --help": ["{python}", "-m", "colaprob", "score", "--help"],
+    # What a default report paid on top: geometry.embedding imports umap when its default
+    # methods include it (numba compiles on first use; this times the import alone).
+    "diagnostics + default embedding imports": [
+        "{python}",
+        "-c",
+        "import inspect; from colaprob.diagnostics import geometry as g; "
+        "'umap' in inspect.signature(g.embedding).parameters['methods'].default and __import__('umap')",
+    ],
 }
 
 
