@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from colaprob import hub
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.data import read_input_bytes
 from colaprob.dit import DiT
@@ -71,7 +72,8 @@ LAYER_FIELDS = {"vae": {"encoder_num_blocks": "encoder.blocks.", "decoder_num_bl
 
 
 def resolve(path_or_name: str | Path) -> Path:
-    """The checkpoint root of a path, or of ``"tiny"`` (the embedded model)."""
+    """The checkpoint root of a path, of ``"tiny"`` (the embedded model), or of a Hugging Face
+    name ``ORG/NAME`` found in the local cache (``colaprob.hub``)."""
     if str(path_or_name) == "tiny":
         if not TINY.is_dir():
             raise ColaprobError(f"the embedded model is not built yet: {TINY} does not exist (the trainer, colaprob train, writes it).")
@@ -83,6 +85,8 @@ def resolve(path_or_name: str | Path) -> Path:
         root.stat()
     except OSError as err:
         if err.errno == errno.ENOENT:
+            if hub.is_repo_id(str(path_or_name)):
+                return hub.resolve(str(path_or_name))  # ORG/NAME from the local Hugging Face cache
             raise ColaprobError(f"{root} does not exist.") from None
         raise ColaprobError(f"{root} cannot be opened ({err.strerror or err}); check the path.") from None
     if not root.is_dir():

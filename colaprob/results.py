@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from colaprob import metadata as cf_metadata
 from colaprob.errors import ColaprobError
 
 ENGINE = "h5netcdf"
@@ -153,9 +154,11 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` to ``path`` atomically (temporary file, fsync, ``os.replace``). The file
     is encoded in memory first, so the file system only sees one plain write: a disk that
     fills up is a clean ``OSError`` there, never an HDF5 library left half-flushed (which
-    can crash the process)."""
+    can crash the process). Every variable is described for CF readers:
+    ``colaprob.metadata.apply`` adds the attributes to ``ds`` itself, so the dataset in memory
+    is the one a reader gets back."""
     path = Path(path)
-    ds = _with_storable_strings(ds)
+    ds = _with_storable_strings(cf_metadata.apply(ds))
     return write_bytes(ds.to_netcdf(engine=ENGINE), path)
 
 
@@ -259,3 +262,52 @@ def _with_storable_strings(ds: xr.Dataset) -> xr.Dataset:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# ArviZ
+
+ROW_VARIABLES = ("document", "window", "source", "text", "prompt", "n_tokens", "n_bytes", "n_words")
+"""What each scored sequence is; ``to_inference_data`` puts these in ``observed_data``."""
+
+
+def to_inference_data(ds: xr.Dataset):
+    """A score dataset (``colaprob score``, ``elbo``, ``iwae``, ``conditional``) as an
+    ``arviz.InferenceData`` (needs the extra ``colaprob[arviz]``, ArviZ 0.x).
+
+    The importance samples become ArviZ's draws of one chain (``sample`` -> ``draw``,
+    ``chain`` of length 1), so ArviZ's PSIS tools read the importance weights directly:
+
+    * ``log_likelihood``: ``log_weight`` [chain, draw, sequence], ``log w_k = log p(x, z_k) -
+      log q(z_k|x)``; ``az.psislw(idata.log_likelihood.log_weight)`` fits the same Pareto
+      tail as colaprob's ``khat``;
+    * ``sample_stats``: every other variable -- the weight terms per draw
+      (``decoder_log_prob``, ``prior_log_prob``, ...) and the diagnostics and estimates per
+      sequence (``khat``, ``ess``, ``log_likelihood``, ...);
+    * ``observed_data``: what each sequence is (``ROW_VARIABLES`` present in ``ds``).
+
+    Every group keeps ``ds.attrs`` (provenance). Missing samples (rows with fewer draws)
+    stay NaN.
+    """
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
+    if "log_weight" not in ds or set(ds["log_weight"].dims) != {"sequence", "sample"}:
+        raise ValueError("ds must be a score dataset with log_weight over (sequence, sample), as colaprob score writes")
+    try:
+        import arviz
+    except ImportError:
+        raise ImportError("to_inference_data needs ArviZ: pip install 'colaprob[arviz]'") from None
+
+    draws = ds.rename({"sample": "draw"}).expand_dims(chain=[0])
+    draws = draws.transpose("chain", "draw", ...)
+    rows = [name for name in ROW_VARIABLES if name in ds]
+    per_sequence = [name for name in ds.data_vars if "sample" not in ds[name].dims]
+    stats = draws.drop_vars(["log_weight", *rows])
+    # Variables without a sample dimension must not gain a chain dimension.
+    stats = stats.drop_vars(per_sequence, errors="ignore").assign({name: ds[name] for name in per_sequence if name not in rows})
+    groups = {
+        "log_likelihood": draws[["log_weight"]],
+        "sample_stats": stats,
+        "observed_data": ds[rows],
+    }
+    return arviz.InferenceData(**{name: group.assign_attrs(ds.attrs) for name, group in groups.items()})

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from tqdm import tqdm
 
 from colaprob import results
 from colaprob.distributed import Context
 from colaprob.errors import ColaprobError
+from colaprob.progress import bar as progress_bar
 
 SEQUENCE = "sequence"
 MANIFEST = "manifest.json"
@@ -267,13 +267,13 @@ def _normal(value):
 def _compute_my_batches(plan, score_batch, folder, ctx, progress, desc) -> None:
     mine = [i for i in range(plan.n_batches) if ctx.owns(i)]
     todo = [i for i in mine if not shard_path(folder, i).exists()]
-    bar = tqdm(
+    bar = progress_bar(
         total=len(mine),
         initial=len(mine) - len(todo),
         desc=desc,
         unit="batch",
         file=sys.stderr,
-        disable=not (progress and ctx.is_main),
+        show=progress and ctx.is_main,
         dynamic_ncols=True,
     )
     with bar:

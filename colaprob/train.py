@@ -63,11 +63,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from colaprob.data import Document
 from colaprob.errors import ColaprobError
 from colaprob.model import T_SCALE, ColaModel
+from colaprob.progress import bar as progress_bar
 from colaprob.protocol import TokenBatch
 
 LOGSNR_MODES = ("free", "fixed", "learned")
@@ -432,7 +432,7 @@ def train(
         _truncate_log(log_path, step)
     apply_logsnr(model, config)
 
-    bar = tqdm(range(step, config.total_steps), initial=step, total=config.total_steps, disable=not progress, mininterval=2)
+    bar = progress_bar(range(step, config.total_steps), initial=step, total=config.total_steps, show=progress, mininterval=2)
     started = time.time() - seconds  # training time so far, over all resumed sessions
     for step in bar:
         stage = 1 if step < config.stage1_steps else 2

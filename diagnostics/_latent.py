@@ -12,17 +12,17 @@ import json
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from colaprob.progress import bar
 
 from colaprob.estimators import cnf, streams
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, latent_log_jacobian, to_prior_space
 
 
 def chunks(n: int, size: int, desc: str, progress: bool = True):
-    """Consecutive slices of ``range(n)`` of at most ``size`` items, with a tqdm progress bar
+    """Consecutive slices of ``range(n)`` of at most ``size`` items, with a progress bar
     (shown only with ``progress`` and more than one chunk)."""
     starts = range(0, n, size)
-    for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) < 2):
+    for start in bar(starts, desc=desc, unit="chunk", show=progress and len(starts) >= 2):
         yield slice(start, min(start + size, n))
 
 

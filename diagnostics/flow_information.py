@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from colaprob.progress import bar
 
 from colaprob.diagnostics._latent import chunks, decode_gold, standard_normal, token_mask
 from colaprob.estimators import streams
@@ -72,7 +72,7 @@ def information_curve(
             clean = u0.expand(noise.shape)
             h, c = _decode_scores(model, mean, sub, valid)
             hits_mean, nll_mean = hits_mean + h, nll_mean + c
-            for i, t in enumerate(tqdm(t_grid, desc="information curve (t)", leave=False, disable=not progress)):
+            for i, t in enumerate(bar(t_grid, desc="information curve (t)", leave=False, show=progress)):
                 u_t = (1 - t) * u0 + t * noise
                 tt = torch.full(u_t.shape[:-1], float(t), dtype=u_t.dtype)
                 u_hat = u_t - t * model.prior_velocity(u_t, tt, clean)

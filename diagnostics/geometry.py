@@ -3,9 +3,9 @@ density through a gold latent with the decoder's decision regions.
 
 ``embedding``: posterior means of every valid latent position (one point each, labelled by
 the gold token of its first token), teacher-forced prior samples of the same positions and
-freely generated latents are placed in the same 2-D maps -- PCA and UMAP fitted on the
-posterior means only, then applied to the others, so the maps show where prior mass lands
-relative to the data.
+freely generated latents are placed in the same 2-D maps -- PCA (the default) and, with the
+extra ``colaprob[umap]`` (umap-learn), UMAP -- fitted on the posterior means only, then
+applied to the others, so the maps show where prior mass lands relative to the data.
 
 ``density_slice``: for one block ``b`` of one text, the plane ``u(alpha, beta) = u0 + alpha
 e1 + beta e2`` through the gold latent ``u0`` (scaled space, block ``b`` only; other blocks stay
@@ -14,6 +14,8 @@ argmax tokens at every grid point.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import torch
@@ -30,6 +32,8 @@ from colaprob.diagnostics._latent import (
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, to_prior_space
 
 KINDS = ("posterior_mean", "prior_sample", "generated")
+METHODS = ("pca", "umap")
+UMAP_MISSING = "the UMAP embedding needs umap-learn, the optional extra: pip install 'colaprob[umap]'"
 
 
 def embedding(
@@ -38,7 +42,7 @@ def embedding(
     *,
     n_prior: int = 1,
     n_generated: int = 4,
-    methods: tuple[str, ...] = ("pca", "umap"),
+    methods: tuple[str, ...] = ("pca",),
     umap_options: dict | None = None,
     seed: int = 0,
     sample_options: dict | None = None,
@@ -48,14 +52,19 @@ def embedding(
     Points (dimension ``point``) are single latent positions (``d`` channels, posterior
     space). ``n_prior`` teacher-forced prior samples per sequence (every block from
     ``p_psi(. | gold history)``); ``n_generated`` freely generated sequences as long as the
-    longest text. ``methods``: any of ``"pca"``, ``"umap"`` (umap-learn, imported only here;
-    ``umap_options`` go to ``umap.UMAP``).
+    longest text. ``methods``: any of ``"pca"`` (default), ``"umap"`` (the extra ``colaprob[umap]``,
+    imported only here; ``umap_options`` go to ``umap.UMAP``).
 
     Returns ``kind`` (one of ``KINDS``), ``token_id`` (gold token of the position's first
     token; for generated latents the decoder's argmax), ``decoded_id`` (argmax token the
     decoder reads at the point), ``sequence``, ``position``; ``<method>`` over ``(point,
     component)`` for each method; ``pca_explained_variance_ratio`` over ``component``.
     """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty tuple of {METHODS}, got {methods!r}")
+    if "umap" in methods and importlib.util.find_spec("umap") is None:
+        raise ImportError(UMAP_MISSING)
     with torch.no_grad():
         q = model.posterior(batch)
         mean = q.mean
@@ -115,25 +124,24 @@ def _embed(method: str, x: np.ndarray, fit: np.ndarray, seed: int, umap_options:
         coords[:, :k] = (x - center) @ vt[:k].T
         ratio[:k] = s[:k] ** 2 / np.sum(s**2)
         return coords, {"pca_explained_variance_ratio": ("component", ratio)}
-    if method == "umap":
-        import umap  # slow to import (numba); only when asked for
+    # umap: embedding checked that umap-learn is installed before any work
+    import umap  # slow to import (numba); only when asked for
 
-        # n_jobs=1: a seeded UMAP is single-threaded anyway (and says so in a warning otherwise).
-        options = {"n_neighbors": 15, "min_dist": 0.1, "random_state": seed, "n_jobs": 1} | umap_options
-        options["n_neighbors"] = min(options["n_neighbors"], int(fit.sum()) - 1)
-        # numba's OpenMP layer resets the process-wide thread count that torch shares; left
-        # so, torch later runs up to 100x slower (measured on a busy 2-core machine).
-        threads = torch.get_num_threads()
-        try:
-            reducer = umap.UMAP(n_components=2, **options).fit(x[fit])
-            out = np.empty((len(x), 2))
-            out[fit] = reducer.embedding_
-            if (~fit).any():
-                out[~fit] = reducer.transform(x[~fit])
-        finally:
-            torch.set_num_threads(threads)
-        return out, {}
-    raise ValueError(f"unknown embedding method {method!r}; use 'pca' or 'umap'")
+    # n_jobs=1: a seeded UMAP is single-threaded anyway (and says so in a warning otherwise).
+    options = {"n_neighbors": 15, "min_dist": 0.1, "random_state": seed, "n_jobs": 1} | umap_options
+    options["n_neighbors"] = min(options["n_neighbors"], int(fit.sum()) - 1)
+    # numba's OpenMP layer resets the process-wide thread count that torch shares; left
+    # so, torch later runs up to 100x slower (measured on a busy 2-core machine).
+    threads = torch.get_num_threads()
+    try:
+        reducer = umap.UMAP(n_components=2, **options).fit(x[fit])
+        out = np.empty((len(x), 2))
+        out[fit] = reducer.embedding_
+        if (~fit).any():
+            out[~fit] = reducer.transform(x[~fit])
+    finally:
+        torch.set_num_threads(threads)
+    return out, {}
 
 
 def _decoded_first_tokens(model, z, batch):

@@ -2,8 +2,11 @@
 returned and draws it -- nothing here estimates anything.
 
 Figures are ``matplotlib.figure.Figure`` objects built without ``pyplot`` (no global state,
-no GUI backend: ``fig.savefig("x.png")`` renders with Agg). ``token_label`` turns a token id
-into the text shown on axes and legends (default: the id).
+no GUI backend: ``fig.savefig("x.png")`` renders with Agg). Every function draws into a new
+figure, or into the caller's: ``fig=`` a Figure or SubFigure (one panel of a paper's figure,
+``figure.subfigures(1, 2)[0]``), and for single-map figures ``ax=`` an Axes; it returns the
+(top-level) figure it drew on. ``token_label`` turns a token id into the text shown on axes
+and legends (default: the id).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import numpy as np
 import xarray as xr
 from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap
-from matplotlib.figure import Figure
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure, FigureBase
 
 TokenLabel = Callable[[int], str]
 
@@ -33,16 +37,29 @@ KIND_STYLE = {
 VISIBLE_WHITESPACE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"})
 
 
+def _canvas(fig: FigureBase | None, figsize: tuple[float, float]) -> FigureBase:
+    """``fig`` (a caller's Figure or SubFigure), or a new constrained-layout Figure."""
+    return Figure(figsize=figsize, layout="constrained") if fig is None else fig
+
+
+def _root(drawn_on) -> Figure:
+    """The top-level Figure of an Axes, SubFigure or Figure (what ``savefig`` is called on)."""
+    fig = drawn_on.figure
+    while not isinstance(fig, Figure):
+        fig = fig.figure
+    return fig
+
+
 def _label(token_label: TokenLabel | None, token: int) -> str:
     """The text shown for a token, whitespace made visible (a space would be a blank tick)."""
     return str(int(token)) if token_label is None else token_label(int(token)).translate(VISIBLE_WHITESPACE)
 
 
-def plot_decomposition(ds: xr.Dataset) -> Figure:
+def plot_decomposition(ds: xr.Dataset, *, fig: FigureBase | None = None) -> Figure:
     """Three panels from ``decompose``: where the bound goes (nats per token), the MI and
     marginal-KL estimates on nested subsets against the ``log n`` cap, and the posterior-mean
     variance per channel against the active-unit threshold."""
-    fig = Figure(figsize=(14, 4.4), layout="constrained")
+    fig = _canvas(fig, (14, 4.4))
     ax_bar, ax_mi, ax_au = fig.subplots(1, 3, width_ratios=[1.1, 1.2, 1.2])
     tokens = float(ds["n_tokens"].sum())
     per_seq = len(ds["sequence"])
@@ -103,17 +120,19 @@ def plot_decomposition(ds: xr.Dataset) -> Figure:
     ax_au.set_ylabel("Var_x E_q[z_c | x]")
     ax_au.set_title(f"Active units: {int(ds['n_active'])} of {len(ch)}")
     ax_au.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
-    return fig
+    return _root(fig)
 
 
-def plot_probes(ds: xr.Dataset, sequence: int = 0, *, token_label: TokenLabel | None = None, max_tokens: int = 64) -> Figure:
+def plot_probes(
+    ds: xr.Dataset, sequence: int = 0, *, token_label: TokenLabel | None = None, max_tokens: int = 64, fig: FigureBase | None = None
+) -> Figure:
     """One text from ``probes``: the four hit probes per token, the token's likelihood cost
     ``-token_elbo`` split into decoder and prior parts, and each block's density percentile."""
     one = ds.sel(sequence=sequence)
     n = min(int(one["valid"].sum()), max_tokens)
     x = np.arange(n)
     labels = [_label(token_label, t) for t in one["token_id"].values[:n]]
-    fig = Figure(figsize=(max(10.0, 0.28 * n + 4.0), 7.5), layout="constrained")
+    fig = _canvas(fig, (max(10.0, 0.28 * n + 4.0), 7.5))
     ax_hit, ax_nll, ax_pct = fig.subplots(3, 1, sharex=True, height_ratios=[1.3, 1, 0.8])
     for name, (text, color, marker) in PROBE_STYLE.items():
         ax_hit.plot(x, one[name].values[:n], marker=marker, color=color, lw=0.8, ms=4, label=text)
@@ -142,13 +161,13 @@ def plot_probes(ds: xr.Dataset, sequence: int = 0, *, token_label: TokenLabel | 
     ax_pct.set_xticks(x)
     ax_pct.set_xticklabels(labels, fontsize=8, rotation=90 if max(map(len, labels), default=1) > 2 else 0)
     ax_pct.set_xlim(-0.7, n - 0.3)
-    return fig
+    return _root(fig)
 
 
-def plot_probe_summary(summary: xr.Dataset) -> Figure:
+def plot_probe_summary(summary: xr.Dataset, *, fig: FigureBase | None = None) -> Figure:
     """From ``token_probes.summarize``: the likelihood-by-generation 2x2 table, and the
     probes' mean per equal-count bin of per-token NLL."""
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    fig = _canvas(fig, (12, 4.4))
     ax_tab, ax_bin = fig.subplots(1, 2, width_ratios=[0.8, 1.4])
     count = summary["count"].values
     ax_tab.imshow(count, cmap="Blues", vmin=0)
@@ -173,14 +192,14 @@ def plot_probe_summary(summary: xr.Dataset) -> Figure:
     ax_bin.set_title(f"Probes against likelihood (Spearman NLL vs prior hit: {rho:.2f})")
     ax_bin.legend(fontsize=8, frameon=False)
     ax_bin.grid(alpha=0.3)
-    return fig
+    return _root(fig)
 
 
-def plot_information_curve(ds: xr.Dataset) -> Figure:
+def plot_information_curve(ds: xr.Dataset, *, fig: FigureBase | None = None, ax: Axes | None = None) -> Figure:
     """From ``information_curve``: token accuracy and cross-entropy of the one-step denoised
     latent against logSNR (clean on the left), with the training density of logSNR."""
-    fig = Figure(figsize=(9, 4.6), layout="constrained")
-    ax = fig.subplots()
+    if ax is None:
+        ax = _canvas(fig, (9, 4.6)).subplots()
     snr = ds["logsnr"].values
     ax.plot(snr, ds["accuracy"], "o-", color="#4c72b0", ms=4, label="token accuracy of z_hat0")
     ax.axhline(float(ds["accuracy_at_mean"]), color="#4c72b0", ls=":", lw=1, label="accuracy at the posterior mean")
@@ -200,17 +219,26 @@ def plot_information_curve(ds: xr.Dataset) -> Figure:
     handles = [h for a in (ax, ce, dens) for h in a.get_legend_handles_labels()[0]]
     ax.legend(handles=handles, fontsize=8, loc="center left", frameon=True)
     ax.set_title(f"Information curve ({ds.attrs.get('train_t_distribution', '')} training t)")
-    return fig
+    return _root(ax)
 
 
-def plot_embedding(ds: xr.Dataset, *, token_label: TokenLabel | None = None, top_k: int = 10, max_overlay: int = 1500) -> Figure:
+def plot_embedding(
+    ds: xr.Dataset,
+    *,
+    token_label: TokenLabel | None = None,
+    top_k: int = 10,
+    max_overlay: int = 1500,
+    fig: FigureBase | None = None,
+    ax: Axes | None = None,
+) -> Figure:
     """From ``geometry.embedding``: one panel per fitted map; posterior means coloured by
     their gold token (the ``top_k`` most frequent; the rest grey) drawn over the prior
     samples and generated latents (at most ``max_overlay`` of each kind, a fixed random
     subset, so they do not bury the data)."""
     methods = [m for m in ("pca", "umap") if m in ds]
-    fig = Figure(figsize=(6.2 * len(methods) + 1.8, 5.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(methods)))
+    if ax is not None and len(methods) != 1:
+        raise ValueError(f"ax holds one map, but the dataset has {len(methods)} ({methods}); pass fig instead")
+    axes = [ax] if ax is not None else np.atleast_1d(_canvas(fig, (6.2 * len(methods) + 1.8, 5.6)).subplots(1, len(methods)))
     kind, tok = ds["kind"].values, ds["token_id"].values
     data = kind == "posterior_mean"
     tokens, counts = np.unique(tok[data], return_counts=True)
@@ -239,15 +267,15 @@ def plot_embedding(ds: xr.Dataset, *, token_label: TokenLabel | None = None, top
         ax.set_xticks([])
         ax.set_yticks([])
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="posterior means by token", markerscale=1.5)
-    return fig
+    return _root(axes[-1])
 
 
-def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None) -> Figure:
+def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None, fig: FigureBase | None = None) -> Figure:
     """From ``geometry.density_slice``: the prior log-density on the plane with the region
     where the whole block decodes to gold outlined, and how many of the block's tokens the
     decoder gets right at each point, with each token's gold region outlined."""
     a, b = ds["alpha"].values, ds["beta"].values
-    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    fig = _canvas(fig, (13, 5.2))
     ax_d, ax_r = fig.subplots(1, 2)
     logp = ds["log_prob"].values.T  # rows = beta (y), columns = alpha (x)
     levels = np.linspace(np.nanpercentile(logp, 2), np.nanmax(logp), 14)
@@ -278,7 +306,7 @@ def plot_density_slice(ds: xr.Dataset, *, token_label: TokenLabel | None = None)
             ax_r.contour(a, b, hit.astype(float), levels=[0.5], colors="black", linewidths=0.8)
     text = "".join(_label(token_label, t) for t in gold)
     ax_r.set_title(f"Decoder on the same plane: block {text!r}\n(black lines: where each token stops decoding to gold)")
-    return fig
+    return _root(fig)
 
 
 TASK_STYLE = {

@@ -1,20 +1,22 @@
 """One call, one folder: every diagnostic on a model and a corpus, as NetCDF results, PNG
-figures and a short markdown summary of the headline numbers and what they mean."""
+figures, a short markdown summary of the headline numbers and what they mean, and
+``index.html``, one self-contained page with the summary, its tables and the figures."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from colaprob.diagnostics import geometry, plots
+from colaprob.diagnostics import geometry, html_page, plots
 from colaprob.diagnostics.decomposition import decompose
 from colaprob.diagnostics.flow_information import information_curve
 from colaprob.diagnostics.token_probes import probes, summarize
 from colaprob.protocol import LatentModel, TokenBatch
-from colaprob.results import provenance, write_dataset, write_text
+from colaprob.results import provenance, write_bytes, write_dataset, write_text
 
 DIAGNOSTICS = ("decomposition", "probes", "information_curve", "embedding", "density_slice")
 
@@ -39,7 +41,9 @@ def report(
       ``information_curve``, ``embedding``, ``density_slice``, each with provenance
       attributes (``model_name``, the diagnostic's options, seed, package versions);
     * ``<name>.png``: the figures (``probes_sequence<k>.png`` for the probed text);
-    * ``summary.md``: headline numbers and how to read them.
+    * ``summary.md``: headline numbers and how to read them;
+    * ``index.html``: the summary, its tables and every figure in one self-contained page
+      (figures embedded as base64 PNG; open it in any browser, send it as one file).
 
     ``sequence``, ``block``: the text drawn in the per-token figure and the block of the
     density slice. ``options``: keyword arguments per diagnostic (keys from ``DIAGNOSTICS``),
@@ -84,10 +88,17 @@ def report(
         "embedding": plots.plot_embedding(results["embedding"], token_label=token_label),
         "density_slice": plots.plot_density_slice(results["density_slice"], token_label=token_label),
     }
+    pngs = {}
     for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=dpi)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
+        pngs[name] = buffer.getvalue()
+        write_bytes(pngs[name], out / f"{name}.png")
 
-    write_text(summary_markdown(results, model_name, list(figures)), out / "summary.md")
+    summary = summary_markdown(results, model_name, list(figures))
+    write_text(summary, out / "summary.md")
+    title = f"colaprob diagnostics{f' -- {model_name}' if model_name else ''}"
+    write_text(html_page.page(summary, pngs, title), out / "index.html")
     return results
 
 
@@ -152,6 +163,7 @@ def summary_markdown(results: dict[str, xr.Dataset], model_name: str, figures: l
         "",
         *(f"- `{name}.png`" for name in figures),
         *(f"- `{name}.nc`" for name in results),
+        "- `index.html` (this summary with the figures)",
         "",
     ]
     return "\n".join(lines)

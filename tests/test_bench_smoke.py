@@ -62,3 +62,11 @@ def test_demo_bench_times_the_demo_end_to_end():
 def test_shared_context_bench_counts_rows_of_both_paths():
     out = run_bench("shared_context.py")
     assert "rows ratio" in out and "max |diff| log p" in out
+
+
+def test_install_footprint_bench_measures_this_environment():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "install_footprint.py"), "--quick"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| this |" in out.stdout and "site-packages MB" in out.stdout, out.stdout

@@ -1,6 +1,7 @@
 """Latent-space geometry: one fitted map for every point, free generation block by block,
 and the density slice against the exact prior density and decoder."""
 
+import importlib.util
 import math
 
 import numpy as np
@@ -113,3 +114,16 @@ def test_density_slice_matches_exact_prior_and_decoder(directions):
 def test_density_slice_rejects_a_missing_block():
     with pytest.raises(ValueError, match="block must be in"):
         geometry.density_slice(model(), make_batch([torch.tensor([0])]), block=1)
+
+
+def test_pca_is_the_default_and_umap_without_the_extra_is_one_sentence(monkeypatch):
+    ds = geometry.embedding(model(), BATCH, n_prior=1, n_generated=1, sample_options=EXACT_SAMPLER)
+    assert "pca" in ds and "umap" not in ds
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "umap" else real_find_spec(name, *a))
+    with pytest.raises(ImportError) as err:
+        geometry.embedding(model(), BATCH, methods=("pca", "umap"))
+    message = str(err.value)
+    assert "colaprob[umap]" in message and message.count(".") <= 1 and "\n" not in message
+    with pytest.raises(ValueError, match="methods must be"):
+        geometry.embedding(model(), BATCH, methods=("tsne",))

@@ -8,7 +8,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
+from cli_support import run_cli
 from colaprob.diagnostics import plots, report, summarize_probes
 from colaprob.results import read_dataset
 from colaprob.testing import BlockMixturePrior, CategoricalDecoder, QuadratureModel, make_batch
@@ -34,12 +36,27 @@ def small_model() -> QuadratureModel:
     return QuadratureModel(prior, decoder, patch_size=1, latent_scale=1.2, latent_shift=0.1)
 
 
+def five_texts():
+    return make_batch([torch.tensor(s) for s in ([0, 1], [2, 3], [1, 1], [3, 0], [2, 2])])
+
+
+_REPORT = {}
+
+
+def small_report(tmp_path_factory):
+    """``(folder, results)`` of one report of ``small_model`` on five texts, made once per test
+    session (a report takes tens of seconds on a busy CPU) and shared by the test modules
+    that read a report folder."""
+    if not _REPORT:
+        out = tmp_path_factory.mktemp("report")
+        results = report(small_model(), five_texts(), out, model_name="small", token_label="wxyz".__getitem__, sequence=1, options=CHEAP, progress=False)
+        _REPORT["written"] = out, results
+    return _REPORT["written"]
+
+
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    batch = make_batch([torch.tensor(s) for s in ([0, 1], [2, 3], [1, 1], [3, 0], [2, 2])])
-    results = report(small_model(), batch, out, model_name="small", token_label="wxyz".__getitem__, sequence=1, options=CHEAP)
-    return out, results
+    return small_report(tmp_path_factory)
 
 
 def test_report_writes_results_figures_and_summary(written):
@@ -84,3 +101,43 @@ def test_figures_draw_from_the_files_alone(written):
 def test_report_rejects_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="unknown diagnostics"):
         report(small_model(), make_batch([torch.tensor([0, 1])]), tmp_path, options={"probe": {}})
+
+
+def test_every_plot_draws_into_a_callers_figure_and_returns_it(written):
+    out, _ = written
+    load = lambda name: read_dataset(out / f"{name}.nc")  # noqa: E731
+    draw = {
+        "decomposition": lambda **where: plots.plot_decomposition(load("decomposition"), **where),
+        "probes": lambda **where: plots.plot_probes(load("probes"), 1, **where),
+        "probe_summary": lambda **where: plots.plot_probe_summary(load("probe_summary"), **where),
+        "information_curve": lambda **where: plots.plot_information_curve(load("information_curve"), **where),
+        "embedding": lambda **where: plots.plot_embedding(load("embedding"), **where),
+        "density_slice": lambda **where: plots.plot_density_slice(load("density_slice"), **where),
+    }
+    paper = Figure(figsize=(20, 14), layout="constrained")
+    panels = paper.subfigures(2, 3).ravel()
+    for panel, (name, plot) in zip(panels, draw.items()):
+        assert plot(fig=panel) is paper, name
+        assert panel.axes, f"{name} drew nothing into its panel"
+    assert sum(len(panel.axes) for panel in panels) == len(paper.get_axes())
+    buffer = io.BytesIO()
+    paper.savefig(buffer, format="png", dpi=20)
+    assert buffer.getvalue().startswith(b"\x89PNG")
+
+    # Single-map figures also draw into one Axes.
+    for name in ("information_curve", "embedding"):
+        own = Figure()
+        ax = own.subplots()
+        assert draw[name](ax=ax) is own and ax.has_data(), name
+    assert draw["information_curve"]() is not draw["information_curve"]()  # no target: a new figure each time
+
+
+@pytest.mark.parametrize(("option", "name", "magic"), [(["--format", "svg"], "decomposition.svg", b"<?xml"), (["-o", "{out}/fig.pdf"], "fig.pdf", b"%PDF")])
+def test_viz_writes_png_pdf_or_svg(written, option, name, magic):
+    out, _ = written
+    option = [o.format(out=out) for o in option]
+    outcome = run_cli("viz", out / "decomposition.nc", "--no-labels", *option)
+    assert outcome.code == 0, outcome
+    assert (out / name).read_bytes().startswith(magic)
+    if name.endswith(".svg"):
+        assert b"<svg" in (out / name).read_bytes()

@@ -95,3 +95,54 @@ def test_written_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644 == default_mode(0o666)
     finally:
         os.umask(old)
+
+
+def heavy_tailed_scores(k_true=0.7, n_sequences=3, n_samples=400) -> xr.Dataset:
+    """A score-shaped dataset whose log-weights have a Pareto tail of shape ``k_true``
+    (w = U^-k, the generalized Pareto quantile), with colaprob's own k-hat."""
+    from colaprob.estimators import statistics
+
+    rng = np.random.default_rng(1)
+    log_weight = xr.DataArray(-k_true * np.log(rng.uniform(size=(n_sequences, n_samples))), dims=("sequence", "sample"))
+    ds = xr.Dataset(
+        {
+            "log_weight": log_weight,
+            "prior_log_prob": 2 * log_weight,
+            "khat": statistics.pareto_khat(log_weight),
+            "ess": statistics.ess(log_weight),
+            "log_likelihood": statistics.log_mean_exp(log_weight),
+            "text": ("sequence", np.array(["a", "b", "c"], dtype=object)),
+        },
+        attrs={"estimator": "IWAE-400"},
+    )
+    return ds
+
+
+def test_inference_data_groups_and_pareto_k_agree_with_arviz(tmp_path):
+    az = pytest.importorskip("arviz", reason="ArviZ is the optional extra colaprob[arviz]")
+    if not hasattr(az, "psislw"):
+        pytest.skip(f"ArviZ {az.__version__} has no psislw (colaprob[arviz] asks for ArviZ 0.x)")
+    ds = heavy_tailed_scores()
+    idata = results.to_inference_data(ds)
+    weights = idata.log_likelihood["log_weight"]
+    assert weights.dims == ("chain", "draw", "sequence") and weights.shape == (1, 400, 3)
+    np.testing.assert_array_equal(weights.values[0].T, ds["log_weight"].values)
+    assert idata.sample_stats["prior_log_prob"].dims == ("chain", "draw", "sequence")
+    assert idata.sample_stats["khat"].dims == ("sequence",) and "text" in idata.observed_data
+    assert idata.log_likelihood.attrs["estimator"] == "IWAE-400"
+
+    _, arviz_k = az.psislw(weights.stack(__sample__=("chain", "draw")))
+    np.testing.assert_allclose(arviz_k.values, ds["khat"].values, rtol=1e-10)
+    np.testing.assert_allclose(ds["khat"].values, 0.7, atol=0.25)  # the tail it was drawn from
+
+    # Through a file, as a user would share it: az.from_netcdf gives the group back.
+    idata.to_netcdf(str(tmp_path / "idata.nc"))
+    back = az.from_netcdf(str(tmp_path / "idata.nc"))
+    assert back.log_likelihood["log_weight"].size == 1200
+
+
+def test_inference_data_refuses_what_is_not_a_score_file():
+    with pytest.raises(ValueError, match="log_weight"):
+        results.to_inference_data(xr.Dataset({"elbo": ("sequence", np.zeros(2))}))
+    with pytest.raises(TypeError, match="ds must be"):
+        results.to_inference_data({"log_weight": 1})

@@ -109,8 +109,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="tiny",
-        help="checkpoint folder (official HuggingFace layout: cola_dlm/ and tokenizer.json) or 'tiny', "
-        "the embedded model (default)",
+        help="checkpoint folder (official HuggingFace layout: cola_dlm/ and tokenizer.json), a Hugging Face name "
+        "ORG/NAME read from the local Hugging Face cache, or 'tiny', the embedded model (default)",
+    )
+    parser.add_argument("--revision", default=None, help="with --model ORG/NAME: the branch, tag or commit (default: main)")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="with --model ORG/NAME: fetch the model from the Hugging Face Hub if it is not cached (default: the cache only)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to compute (default: a GPU if torch sees one)")
     parser.add_argument(
@@ -196,13 +202,23 @@ def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> 
 # The model
 
 
-def load_model(name: str, device):
+def load_model(name: str, device, revision: str | None = None, download: bool = False):
     """``colaprob.load(name)`` in float32 evaluation mode on ``device``, plus its identity:
-    ``{"model": name, "model_config_hash": ..., "model_weights_hash": ...}``."""
+    ``{"model": name, "model_config_hash": ..., "model_weights_hash": ...}`` (and the
+    snapshot's ``model_revision`` for a Hugging Face name, ``colaprob.hub``)."""
     import colaprob
+    from colaprob import hub
 
-    model = colaprob.load(name)
-    identity = {"model": str(name), "model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
+    identity = {"model": str(name)}
+    if hub.is_repo_id(name):
+        path = hub.resolve(name, revision, download=download)
+        identity["model_revision"] = path.name  # the snapshot folder is named by its commit
+    elif revision is not None or download:
+        raise ColaprobError(f"--revision and --download are for Hugging Face names (ORG/NAME), not for {name!r}.")
+    else:
+        path = name
+    model = colaprob.load(path)
+    identity |= {"model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
     model = model.to(device).eval()
     return model, identity
 
@@ -449,7 +465,7 @@ def _prepare_whole_corpus(args, ctx, name, compute, settings, finish, min_sequen
     documents = read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
     if any(doc.prompt is not None for doc, _ in documents):
         raise ColaprobError(f"{name} takes plain texts, but the input holds prompt-response pairs.")
-    model, identity = load_model(args.model, ctx.device)
+    model, identity = load_model(args.model, ctx.device, args.revision, args.download)
     rows = cut_rows(model, documents, args.split)
     if len(rows) < min_sequences:
         raise ColaprobError(

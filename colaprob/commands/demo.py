@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = distributed.from_environment(args.device)
     try:
         out = args.output_dir
-        model, identity = _shared.load_model(args.model, ctx.device)
+        model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
         corpus = heldout_subset(args.sequences, args.max_bytes)
         settings = {**identity, "sequences": args.sequences, "max_bytes": args.max_bytes, "K": args.samples, "elbo_K": args.elbo_samples,
                     "n_prior": args.prior_samples, "batch_size": args.batch_size, "cloze_items": args.cloze_items, "cloze_K": args.cloze_samples, "trace": args.trace,

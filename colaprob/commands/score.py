@@ -94,7 +94,7 @@ def prepare(args, ctx) -> "Job":
     cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
     estimator = choose_estimator("rolling" if args.rolling else args.estimator, [doc for doc, _ in documents], args)
-    model, identity = _shared.load_model(args.model, ctx.device)
+    model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
     if estimator == "rolling":
         rows = windows.cut_rows(model, documents, None)
         _shared.preflight(args, model, rows, ctx.device, "scoring", longest=model.framing.max_tokens)

@@ -1,4 +1,4 @@
-"""``colaprob viz``: the figure of a diagnostics file, as PNG.
+"""``colaprob viz``: the figure of a diagnostics file, as PNG, PDF or SVG.
 
 Takes a NetCDF file written by ``colaprob decompose``, ``colaprob probe``, ``colaprob eval``
 (the per-task comparison of accuracy by likelihood and by generation) or a report folder
@@ -18,16 +18,25 @@ from colaprob import results
 from colaprob.commands import _shared
 from colaprob.errors import ColaprobError
 
-HELP = "draw the figure of a diagnostics NetCDF file (decompose, probe, report) as PNG"
+HELP = "draw the figure of a diagnostics NetCDF file (decompose, probe, report) as PNG, PDF or SVG"
+FORMATS = ("png", "pdf", "svg")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, metavar="FILE.nc", help="a NetCDF file from decompose, probe, eval or a report folder")
-    parser.add_argument("-o", "--output", type=Path, default=None, help="PNG path (default: FILE with .png, or FILE_sequence<k>.png for probes)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=None, help="figure path (default: FILE with the format's suffix, or FILE_sequence<k>.<suffix> for probes)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="png (raster, --dpi), pdf or svg (vector) (default: the suffix of --output if it is one of these, else png)",
+    )
     parser.add_argument("--sequence", type=_shared.non_negative_int, default=0, help="probes: the sequence to draw (default: 0)")
     parser.add_argument("--model", default=None, help="label tokens with this model's tokenizer (default: the model named in the file)")
     parser.add_argument("--no-labels", action="store_true", help="label tokens by id; load no model")
-    parser.add_argument("--dpi", type=_shared.positive_int, default=110, help="resolution (default: 110)")
+    parser.add_argument("--dpi", type=_shared.positive_int, default=110, help="resolution of a PNG (default: 110)")
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
 
 
@@ -36,12 +45,14 @@ def run(args: argparse.Namespace) -> int:
     kind = ds.attrs.get("diagnostic") or _guess(ds)
     label = None if args.no_labels else token_label(args.model or ds.attrs.get("model"))
     figures = draw(kind, ds, args.sequence, label)
+    suffix_format = args.output.suffix.lower().lstrip(".") if args.output is not None else ""
+    fmt = args.format or (suffix_format if suffix_format in FORMATS else "png")
     written = []
     for suffix, figure in figures.items():
-        path = args.output if args.output is not None and len(figures) == 1 else args.file.with_name(args.file.stem + suffix + ".png")
+        path = args.output if args.output is not None and len(figures) == 1 else args.file.with_name(f"{args.file.stem}{suffix}.{fmt}")
         results.check_writable(path)
         buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=args.dpi)
+        figure.savefig(buffer, format=fmt, dpi=args.dpi)
         written.append(str(results.write_bytes(buffer.getvalue(), path)))
     if args.json:
         _shared.print_json({"diagnostic": kind, "figures": written})
