@@ -33,7 +33,9 @@ Framing (the one place it happens; see the README, "Task evaluation"): a context
 whitespace moves to the start of every continuation (lm-evaluation-harness's rule); the
 context and the continuation are tokenized separately and concatenated, as generation
 conditions on a prompt; continuations are taken as given, so the caller adds the
-word-boundary space (the task reader of ``colaprob.tasks`` does).
+word-boundary space (the task reader of ``colaprob.tasks`` does). The model's end-of-text
+token follows the continuation in the row, as in training: it is never scored, but the encoder
+sees it, so the proposal is the posterior the model learned.
 """
 
 from __future__ import annotations
@@ -73,15 +75,17 @@ class ContinuationBatch:
     n_choices: int
 
     @classmethod
-    def from_tokens(cls, contexts, continuations, multiple: int, pad_id=0, n_bytes=None) -> "ContinuationBatch":
+    def from_tokens(cls, contexts, continuations, multiple: int, pad_id=0, n_bytes=None, end=()) -> "ContinuationBatch":
         """Rows from token ids: ``contexts[i]`` the framed context of item ``i`` (with its bos),
-        ``continuations[i][j]`` the ids of its choice ``j``; rows padded with ``pad_id`` to a
-        multiple of ``multiple`` tokens. ``n_bytes[i][j]`` (default: the token count)."""
+        ``continuations[i][j]`` the ids of its choice ``j``, then the ids ``end`` (never
+        counted), then ``pad_id`` up to a multiple of ``multiple`` tokens. ``n_bytes[i][j]``
+        (default: the token count)."""
         rows, context_tokens, total_tokens, item, choice, sizes = [], [], [], [], [], []
         for i, (context, choices) in enumerate(zip(contexts, continuations)):
             for j, continuation in enumerate(choices):
                 ids = list(context) + list(continuation)
-                rows.append(ids + [pad_id] * (-len(ids) % multiple))
+                row = ids + list(end)
+                rows.append(row + [pad_id] * (-len(row) % multiple))
                 context_tokens.append(len(context))
                 total_tokens.append(len(ids))
                 item.append(i)
@@ -134,7 +138,12 @@ def frame_continuations(model, contexts: Sequence[str], continuations: Sequence[
         context_ids.append(bos + tokenizer.encode(moved[0][0]))
         continuation_ids.append([tokenizer.encode(cont) for _, cont in moved])
         n_bytes.append([len(cont.encode("utf-8")) for _, cont in moved])
-    batch = ContinuationBatch.from_tokens(context_ids, continuation_ids, model.patch_size * model.block_size, framing.pad_id, n_bytes)
+    # The end-of-text token after the continuation is not scored (the score is marginal over
+    # it), but the encoder sees it: the posterior is then the one the model was trained to
+    # produce, a far better proposal. On the embedded model, a 35-token text without it scored
+    # 38 nats below the same text's IWAE-16 (-176.3 against -137.9 nats).
+    end = [framing.eos_id] if framing.eos_id is not None else []
+    batch = ContinuationBatch.from_tokens(context_ids, continuation_ids, model.patch_size * model.block_size, framing.pad_id, n_bytes, end)
     if framing.max_tokens is not None and len(batch.lengths) and int(batch.lengths.max()) > framing.max_tokens:
         r = int(batch.lengths.argmax())
         raise ValueError(

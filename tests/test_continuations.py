@@ -99,7 +99,9 @@ def test_framing_bos_context_continuation_no_end_of_text_no_padding_counted(cola
     assert first == context + tok.encode(" 4")  # the context's trailing space moved to the continuation
     assert batch.ids[1, len(context) : int(batch.total_tokens[1])].tolist() == tok.encode("  42")
     assert (batch.lengths % (cola.patch_size * cola.block_size) == 0).all()
-    assert set(batch.ids[0, int(batch.total_tokens[0]) :].tolist()) <= {framing.pad_id}
+    # After the counted tokens: the end-of-text token (seen by the encoder, never scored), then padding.
+    after = batch.ids[0, int(batch.total_tokens[0]) : int(batch.lengths[0])].tolist()
+    assert after[0] == framing.eos_id and set(after[1:]) <= {framing.pad_id}
     assert framing.eos_id not in batch.ids[0, len(context) :].tolist()[: int(batch.total_tokens[0]) - len(context)]
     ds = continuation_log_prob(cola, ["Answer: "], [["4", " 42"]], 2, method="euler", steps=2)
     assert ds.n_tokens.values.tolist() == [[len(tok.encode(" 4")), len(tok.encode("  42"))]]

@@ -40,9 +40,12 @@ def test_attributes_are_netcdf_types():
 
 
 def test_text_with_nul_and_lone_surrogate_is_stored(tmp_path):
-    ds = scores(2).assign(text=("sequence", np.array(["a\x00b", "\ud800x"], dtype=object)))
+    ds = scores(2).assign(text=("sequence", np.array(["a\x00b", "x"], dtype=object)))
     back = results.read_dataset(results.write_dataset(ds, tmp_path / "s.nc"))
-    assert list(back.text.values) == ["a\u2400b", "?x"]
+    assert list(back.text.values) == ["a\u2400b", "x"]
+    # A lone surrogate (from a JSON escape) cannot even enter a dataset once pandas stores strings
+    # with pyarrow, so the conversion is checked on its own.
+    assert results.storable_text("\ud800x") == "?x"
 
 
 @pytest.mark.parametrize("failure", [ValueError("disk trouble"), KeyboardInterrupt()])
