@@ -211,6 +211,7 @@ def weights_dataset(draws: Draws, keys: Tensor, log_weight: Tensor) -> xr.Datase
     ds["ess"] = statistics.ess(ds["log_weight"])
     ds["khat"] = statistics.pareto_khat(ds["log_weight"])
     ds["khat_threshold"] = statistics.khat_threshold(ds["n_samples"])
+    ds["khat_computable"] = statistics.khat_computable(ds["n_samples"])
     return ds
 
 

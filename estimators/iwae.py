@@ -25,13 +25,15 @@ def iwae(
 ) -> xr.Dataset:
     """IWAE-K of every sequence, with its delta-method SE, ESS and Pareto k-hat.
 
-    ``max_samples``: while a sequence's k-hat is at or above ``khat_threshold(K)``, double its
-    K (the new draws continue its random stream) up to this cap. Other arguments as
-    ``colaprob.estimators.elbo.elbo``.
+    ``max_samples``: while a sequence's k-hat is at or above ``khat_threshold(K)`` or not
+    computable (``K < statistics.KHAT_MIN_SAMPLES``), double its K (the new draws continue its
+    random stream) up to this cap. Other arguments as ``colaprob.estimators.elbo.elbo``.
 
     Returns the dataset of ``elbo`` with ``log_likelihood`` the IWAE-K estimate,
-    ``log_likelihood_se`` = ``sd(w) / (sqrt(K) mean(w))``, ``reliable`` (k-hat below the
-    threshold) and ``n_samples`` per sequence (NaN log-weights beyond it).
+    ``log_likelihood_se`` = ``sd(w) / (sqrt(K) mean(w))``, ``reliable`` (k-hat computed and
+    below the threshold; read it together with ``khat_computable``: a row whose k-hat is not
+    computable is neither reliable nor unreliable) and ``n_samples`` per sequence (NaN
+    log-weights beyond it).
     """
     keys = streams.sequence_keys(batch, sequence_ids)
     options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)

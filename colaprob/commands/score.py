@@ -26,6 +26,7 @@ import xarray as xr
 from colaprob import distributed, results, runner
 from colaprob.commands import _shared
 from colaprob.errors import ColaprobError
+from colaprob.estimators.statistics import KHAT_MIN_SAMPLES, khat_computable
 
 HELP = "score documents: ELBO, IWAE or prompt-response log-likelihood, nats/token, bits/byte, perplexity (NetCDF)"
 
@@ -46,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: elbo for texts, conditional for pairs)",
     )
     group.add_argument("-K", "--samples", type=_shared.positive_int, default=16, help="posterior samples per document (default: 16)")
+    group.add_argument(
+        "--max-samples",
+        type=_shared.positive_int,
+        default=None,
+        help="iwae: double a document's K (continuing its random stream) while its k-hat is not computable "
+        f"(K < {KHAT_MIN_SAMPLES}) or above the threshold, up to this many samples (default: no doubling)",
+    )
     group.add_argument(
         "--chunk-size",
         type=_shared.positive_int,
@@ -82,6 +90,7 @@ def prepare(args, ctx) -> "Job":
     cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
     estimator = choose_estimator(args.estimator, [doc for doc, _ in documents])
+    check_max_samples(args, estimator)
     model, identity = _shared.load_model(args.model, ctx.device)
     rows = _shared.cut_rows(model, documents, args.split)
     results.check_writable(args.output)
@@ -103,6 +112,15 @@ def choose_estimator(asked: str | None, documents) -> str:
     return asked
 
 
+def check_max_samples(args, estimator: str) -> None:
+    if args.max_samples is None:
+        return
+    if estimator != "iwae":
+        raise ColaprobError(f"--max-samples doubles K of --estimator iwae only, not of {estimator}; drop it or use --estimator iwae.")
+    if args.max_samples < args.samples:
+        raise ColaprobError(f"--max-samples {args.max_samples} is below -K {args.samples}; give a cap of at least -K.")
+
+
 class Job:
     """Everything ``runner.run`` needs: the rows, the model and the settings."""
 
@@ -117,6 +135,7 @@ class Job:
             "estimator_name": estimator,
             "direct": estimator == "conditional" and not args.no_direct,
             "K": args.samples,
+            "max_samples": args.max_samples,
             "chunk_size": args.chunk_size,
             "trace": args.trace,
             **cnf_options,
@@ -140,6 +159,8 @@ class Job:
             )
         else:
             batch = self.model.frame([row.document.text for row in chosen])
+            if self.estimator == "iwae":
+                options["max_samples"] = self.args.max_samples
             ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
         return with_identity(ds, chosen)
 
@@ -178,7 +199,10 @@ def summary(ds: xr.Dataset, output) -> dict:
         row[name] = float(ds[f"corpus_{name}"])
         row[f"{name}_se"] = float(ds[f"corpus_{name}_se"])
     if "reliable" in ds:
-        row["reliable_fraction"] = float(ds["reliable"].mean())
+        # Rows whose k-hat is not computable (K < 21) are no verdict: left out of the share.
+        computable = np.asarray(khat_computable(ds["n_samples"].values))
+        row["khat_not_computable"] = int((~computable).sum())
+        row["reliable_fraction"] = float(ds["reliable"].values[computable].mean()) if computable.any() else None
     if "direct_log_likelihood" in ds:
         applies = ds["direct_applies"].values.astype(bool)
         row["direct_nats_per_token"] = -float(ds["direct_log_likelihood"].values[applies].sum()) / max(int(ds["n_tokens"].values[applies].sum()), 1)
@@ -192,6 +216,15 @@ def short_name(ds: xr.Dataset) -> str:
     return {"elbo": f"ELBO K={K}", "iwae": f"IWAE-{K}", "conditional": f"conditional IWAE-{K}"}[ds.attrs["estimator_name"]]
 
 
+def khat_cell(row: dict) -> str:
+    """The share of reliable rows, ``n/a (K < 21)`` when no row's k-hat is computable, and the
+    count of rows left out when only some are."""
+    if row["reliable_fraction"] is None:
+        return f"n/a (K < {KHAT_MIN_SAMPLES})"
+    share = f"{row['reliable_fraction']:.4f}"
+    return share if not row["khat_not_computable"] else f"{share} ({row['khat_not_computable']} n/a)"
+
+
 def report(ds: xr.Dataset, args) -> None:
     row = summary(ds, args.output)
     if args.json:
@@ -200,9 +233,11 @@ def report(ds: xr.Dataset, args) -> None:
     table = {"estimator": short_name(ds), "sequences": row["sequences"], "tokens": row["tokens"]}
     table.update({name: _shared.plus_minus(row[name], row[f"{name}_se"]) for name in UNITS})
     columns = [(key, key.replace("_", " ")) for key in table]
-    for extra, heading in (("reliable_fraction", "k-hat reliable"), ("direct_nats_per_token", "direct nats/token")):
-        if extra in row:
-            table[extra] = row[extra]
-            columns.append((extra, heading))
+    if "reliable_fraction" in row:
+        table["reliable_fraction"] = khat_cell(row)
+        columns.append(("reliable_fraction", "k-hat reliable"))
+    if "direct_nats_per_token" in row:
+        table["direct_nats_per_token"] = row["direct_nats_per_token"]
+        columns.append(("direct_nats_per_token", "direct nats/token"))
     _shared.print_table([table], columns)
     print(f"results: {args.output}")
