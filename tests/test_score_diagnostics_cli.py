@@ -33,7 +33,7 @@ def test_max_samples_doubles_k_until_khat_is_computable(tmp_path, fixture_dirs, 
     assert outcome.code == 0, outcome.err
     ds = results.read_dataset(output)
     # At 8 and 16 no k-hat exists, which is no verdict, so every row doubles on to 32.
-    assert (ds["n_samples"].values == 32).all() and ds["khat_computable"].all() and ds.attrs["K"] == 32
+    assert (ds["n_samples"].values == 32).all() and ds["khat_computable"].all() and ds.attrs["max_samples"] == 32
     assert "n/a (K < 21)" not in outcome.out
     refused = run_cli(*args, "--max-samples", "4", "--overwrite")
     assert refused.code == 2 and "--max-samples 4 is below -K 8" in refused.err
