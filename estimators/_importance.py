@@ -25,8 +25,56 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from colaprob.estimators import cnf, statistics, streams, units
+from colaprob.estimators import _checks, cnf, statistics, streams, units
 from colaprob.protocol import TokenBatch, to_prior_space
+
+# The keyword arguments an estimator passes on to ``cnf.block_causal_log_prob``.
+CNF_OPTIONS = ("method", "rtol", "atol", "steps", "n_probes", "probe", "vjp_chunk")
+
+
+def check_arguments(model, batch: TokenBatch, n_samples: int, *, seed: int, chunk_size: int, trace: str, cnf_options: dict) -> None:
+    """Refuse, with one sentence naming the argument, what the estimators cannot compute:
+    ``n_samples`` (K) or ``chunk_size`` below 1, a negative ``seed``, an unknown ``trace`` or
+    solver option, solver settings ``cnf.check_solver`` refuses, and a batch whose shapes
+    disagree or that holds an empty sequence (it has no likelihood, and would read as 0)."""
+    _checks.integer("n_samples (K)", n_samples, minimum=1)
+    _checks.integer("chunk_size", chunk_size, minimum=1)
+    _checks.integer("seed", seed, minimum=0)
+    if trace not in cnf.TRACE_NOTES:
+        raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
+    unknown = sorted(set(cnf_options) - set(CNF_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown solver option {unknown[0]!r}; the options are {', '.join(CNF_OPTIONS)}")
+    cnf.check_solver(cnf_options.get("method", "dopri5"), cnf_options.get("rtol", 1e-5), cnf_options.get("atol", 1e-5), cnf_options.get("steps"))
+    if "n_probes" in cnf_options:
+        _checks.integer("n_probes", cnf_options["n_probes"], minimum=1)
+    if "vjp_chunk" in cnf_options:
+        _checks.integer("vjp_chunk", cnf_options["vjp_chunk"], minimum=1)
+    if cnf_options.get("probe", "rademacher") not in ("rademacher", "gaussian"):
+        raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {cnf_options['probe']!r}")
+    check_batch(batch)
+
+
+def check_batch(batch: TokenBatch) -> None:
+    """``ids`` [B, N], ``lengths`` [B] integers in ``1..N``, the unit counts [B]."""
+    if not isinstance(batch, TokenBatch):
+        raise TypeError(f"batch must be a colaprob.protocol.TokenBatch (model.frame(texts) makes one), not {type(batch).__name__}")
+    if batch.ids.dim() != 2:
+        raise ValueError(f"batch.ids must be [sequences, tokens], got shape {tuple(batch.ids.shape)}")
+    B, N = batch.ids.shape
+    if B == 0:
+        raise ValueError("batch holds no sequences")
+    lengths = _checks.integer_tensor("batch.lengths", batch.lengths, (B,), minimum=0, maximum=N)
+    if tuple(torch.as_tensor(batch.lengths).shape) != (B,):
+        raise ValueError(f"batch.lengths must hold one length per sequence ({B}), got shape {tuple(torch.as_tensor(batch.lengths).shape)}")
+    empty = torch.nonzero(lengths == 0)[:, 0].tolist()
+    if empty:
+        raise ValueError(f"batch.lengths is 0 for sequence(s) {empty}: an empty sequence has no likelihood; leave it out of the batch")
+    for name in units.COUNTS:
+        count = torch.as_tensor(getattr(batch, name))
+        if tuple(count.shape) != (B,):
+            raise ValueError(f"batch.{name} must hold one count per sequence ({B}), got shape {tuple(count.shape)}")
+
 
 @dataclass
 class Draws:
@@ -94,6 +142,8 @@ def draw(
     clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
     and the latents from ``pinned`` on (the direct conditional).
     """
+    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    _checks.integer("start", start, minimum=0)
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     B, N = batch.ids.shape
     with torch.no_grad():

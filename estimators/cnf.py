@@ -36,12 +36,60 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams"})
+from colaprob.errors import ColaprobError
+from colaprob.estimators import _checks
+
+# Every torchdiffeq method is either adaptive (rtol / atol decide the steps) or runs on a grid
+# of ``steps`` equal steps; ``scipy_solver`` is refused (below).
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"})
+REFUSED_METHODS = {"scipy_solver": "it integrates NumPy copies outside torch and cannot take the per-sample error norm"}
+# Below this an adaptive step that meets the tolerance is too small to move t in float64.
+TOLERANCE_FLOOR = 1e-12
 TRACE_NOTES = {
     "exact": "exact",
     "hutchinson": "hutchinson (unbiased log-det, biased inside log-sum-exp)",
 }
 _LOG_2PI = math.log(2 * math.pi)
+
+
+class SolverFailure(ColaprobError, ArithmeticError):
+    """The ODE solver could not reach ``t = 1`` (its step size underflowed)."""
+
+
+def check_solver(method: str, rtol: float, atol: float, steps: int | None, *, steps_with_adaptive: bool = False) -> None:
+    """Refuse a method that is not in the registry, a fixed grid without ``steps``, ``steps``
+    given to an adaptive method (unless ``steps_with_adaptive``: then it is ignored), and
+    tolerances that are not finite, positive and at least ``TOLERANCE_FLOOR``."""
+    if method in REFUSED_METHODS:
+        raise ValueError(f"method {method!r} is not supported: {REFUSED_METHODS[method]}; use {' or '.join(ADAPTIVE_METHODS[:2])}")
+    if method not in ADAPTIVE_METHODS and method not in FIXED_GRID_METHODS:
+        raise ValueError(
+            f"method {method!r} is not a torchdiffeq method colaprob runs; use an adaptive one ({', '.join(ADAPTIVE_METHODS)}) "
+            f"with rtol / atol or a fixed grid ({', '.join(sorted(FIXED_GRID_METHODS))}) with steps"
+        )
+    if method in FIXED_GRID_METHODS:
+        if steps is None:
+            raise ValueError(f"method {method!r} is a fixed-grid method and needs steps, the number of steps from t = 0 to 1")
+        _checks.integer("steps", steps, minimum=1)
+    elif steps is not None and not steps_with_adaptive:
+        raise ValueError(f"steps is for fixed-grid methods; method {method!r} is adaptive and takes rtol and atol instead")
+    _checks.positive_number("rtol", rtol, floor=TOLERANCE_FLOOR)
+    _checks.positive_number("atol", atol, floor=TOLERANCE_FLOOR)
+
+
+def _check_trace(trace: str, n_probes: int, probe: str, probes: Tensor | None, z0: Tensor, vjp_chunk: int) -> None:
+    if trace not in TRACE_NOTES:
+        raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
+    _checks.integer("vjp_chunk", vjp_chunk, minimum=1)
+    if trace == "hutchinson" and probes is None:
+        _checks.integer("n_probes", n_probes, minimum=1)
+        if probe not in ("rademacher", "gaussian"):
+            raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {probe!r}")
+    if probes is not None:
+        _checks.floating_tensor("probes", probes, min_dims=z0.dim() + 1)
+        if tuple(probes.shape[1:]) != tuple(z0.shape) or probes.shape[0] < 1:
+            raise ValueError(f"probes must have shape [n_probes, *z0.shape] = [n, {', '.join(map(str, z0.shape))}], got {tuple(probes.shape)}")
 
 
 @dataclass(kw_only=True)
@@ -113,8 +161,11 @@ def log_prob(
     probes of kind ``probe`` drawn from ``seed``, or the given ``probes`` [n, *z0.shape]).
     ``method``: a torchdiffeq method; fixed-grid methods need ``steps``.
     """
-    if event_dims < 1:
-        raise ValueError("event_dims must be at least 1")
+    event_dims = _checks.integer("event_dims", event_dims, minimum=1)
+    _checks.floating_tensor("z0", z0, min_dims=event_dims)
+    check_solver(method, rtol, atol, steps)
+    _check_trace(trace, n_probes, probe, probes, z0, vjp_chunk)
+    _checks.integer("seed", seed, minimum=0)
     batch_shape = z0.shape[: z0.dim() - event_dims]
     event_shape = z0.shape[z0.dim() - event_dims :]
     event_axes = tuple(range(-event_dims, 0))
@@ -183,11 +234,16 @@ def block_causal_log_prob(
     ``block_size`` or ``>= L``): positions at or beyond it are not integrated either. A block
     with no integrated position reports 0 and ``integrated = False``.
     """
+    _checks.floating_tensor("z0", z0, min_dims=2)
+    block_size = _checks.integer("block_size", block_size, minimum=1)
+    check_solver(method, rtol, atol, steps)
+    _check_trace(trace, n_probes, probe, probes, z0, vjp_chunk)
+    _checks.integer("seed", seed, minimum=0)
     *batch_shape, L, d = z0.shape
     n_blocks = -(-L // block_size)
     position = torch.arange(L, device=z0.device)
-    prefix = torch.as_tensor(0 if prefix_len is None else prefix_len, device=z0.device).expand(batch_shape)
-    length = torch.as_tensor(L if lengths is None else lengths, device=z0.device).expand(batch_shape)
+    prefix = _checks.integer_tensor("prefix_len", 0 if prefix_len is None else prefix_len, batch_shape, minimum=0, maximum=L).to(z0.device)
+    length = _checks.integer_tensor("lengths", L if lengths is None else lengths, batch_shape, minimum=0, maximum=2**62).to(z0.device)
     if ((length % block_size != 0) & (length < L)).any():
         raise ValueError("lengths must end on a block boundary (or reach the end of z0)")
     noisy = (position >= prefix[..., None]) & (position < length[..., None])  # [..., L]
@@ -252,6 +308,11 @@ def sample(
     Cola generation (without guidance); ``method="dopri5"`` for an adaptive solve.
     Returns [..., L, d] in the dtype of ``clean``.
     """
+    _checks.floating_tensor("clean", clean, min_dims=2)
+    block_size = _checks.integer("block_size", block_size, minimum=1)
+    check_solver(method, rtol, atol, steps, steps_with_adaptive=True)
+    if noise is not None and tuple(noise.shape) != tuple(clean.shape):
+        raise ValueError(f"noise must have the shape of clean, {tuple(clean.shape)}, got {tuple(noise.shape)}")
     *batch_shape, L, d = clean.shape
     if noise is None:
         generator = torch.Generator().manual_seed(seed)
@@ -352,15 +413,27 @@ def _solve(dynamics, state0, method, rtol, atol, steps, error_norm, reverse: boo
     """The state at the far end of ``[0, 1]`` (of ``[1, 0]`` when ``reverse``)."""
     device = state0[0].device if isinstance(state0, tuple) else state0.device
     if method in FIXED_GRID_METHODS:
-        if steps is None:
-            raise ValueError(f"method {method!r} needs steps")
         grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
     else:
         grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
     if reverse:
         grid = grid.flip(0)
     # A per-sample (per-block) error norm: one hard sample is not diluted by an easy batch.
-    solution = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, method=method, options={"norm": error_norm})
+    options = {"norm": error_norm}
+    if method not in FIXED_GRID_METHODS:
+        # End a step exactly at the far end: otherwise torchdiffeq steps past it and returns
+        # its interpolant there, whose error the tolerance does not control (dopri8 at 1e-8
+        # was 1e-4 off on a linear flow).
+        options["step_t"] = grid[-1:]
+    try:
+        solution = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as error:
+        if "underflow in dt" not in str(error):
+            raise
+        raise SolverFailure(
+            f"the {method} solver's step size underflowed before t reached the end (rtol {rtol:g}, atol {atol:g}): the "
+            "velocity's float32 rounding cannot meet these tolerances; loosen them (1e-8 or more) or use a fixed grid."
+        ) from None
     return tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics, streams, units
+from colaprob.estimators import _checks, _importance, statistics, streams, units
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
@@ -67,8 +67,9 @@ def conditional(
     ``direct_log_likelihood`` / ``_se``, ``log_weight_direct``, ``khat_direct``,
     ``direct_applies``.
     """
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
     keys = streams.sequence_keys(batch, sequence_ids)
-    prefix = torch.as_tensor(prefix_tokens, dtype=torch.long).expand(len(batch))
+    prefix = _checks.integer_tensor("prefix_tokens", prefix_tokens, (len(batch),), minimum=0, maximum=batch.ids.shape[1]).long()
     if ((prefix < 0) | (prefix > batch.lengths)).any():
         raise ValueError("prefix_tokens must lie between 0 and each sequence's length")
     options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)

@@ -35,6 +35,7 @@ def elbo(
     counted), and the proposal's importance diagnostics ``ess``, ``khat``,
     ``khat_threshold``; ``attrs``: estimator, trace, solver, tolerances, K, seed, nfe.
     """
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
     keys = streams.sequence_keys(batch, sequence_ids)
     draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, trace=trace, **cnf_options)
     mean = lambda log_weight: log_weight.mean("sample")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics, streams
+from colaprob.estimators import _checks, _importance, statistics, streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 
@@ -35,6 +35,9 @@ def iwae(
     computable is neither reliable nor unreliable) and ``n_samples`` per sequence (NaN
     log-weights beyond it).
     """
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    if max_samples is not None and _checks.integer("max_samples", max_samples, minimum=1) < n_samples:
+        raise ValueError(f"max_samples ({max_samples}) must be at least n_samples ({n_samples})")
     keys = streams.sequence_keys(batch, sequence_ids)
     options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
     draws = _importance.draw(model, batch, n_samples, keys=keys, **options)

@@ -107,7 +107,7 @@ def test_decompose_probe_and_viz(tmp_path, fixture, texts):
 
 
 def test_demo_writes_the_report_folder_and_resumes(tmp_path, fixture):
-    args = ["demo", "--model", fixture, "--sequences", "3", "-K", "2", "--prior-samples", "2", "-o", tmp_path / "demo", *CHEAP_CNF]
+    args = ["demo", "--model", fixture, "--sequences", "3", "-K", "2", "--diagnostic-samples", "2", "--prior-samples", "2", "-o", tmp_path / "demo", *CHEAP_CNF]
     first = run_cli(*args)
     assert first.code == 0, first.err
     assert "(exact trace)" in first.out and "IWAE-2 (Hutchinson)" in first.out

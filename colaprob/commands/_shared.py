@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from colaprob.errors import ColaprobError
+from colaprob.estimators import cnf
 
 WINDOW_NOTE = "documents longer than max_tokens were cut at whitespace into windows, each scored as an independent document"
-FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
-ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", *FIXED_GRID_METHODS)
+# Every method of the solver registry (colaprob.estimators.cnf): adaptive ones first.
+FIXED_GRID_METHODS = tuple(sorted(cnf.FIXED_GRID_METHODS))
+ODE_METHODS = (*cnf.ADAPTIVE_METHODS, *FIXED_GRID_METHODS)
 
 # ---------------------------------------------------------------------------------------------
 # Option types: a bad value is an argparse error (one line, exit status 2).
@@ -109,8 +111,8 @@ def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "ex
         "--method",
         choices=ODE_METHODS,
         default="dopri5",
-        help="ODE solver: adaptive (dopri5, bosh3, ...; --rtol/--atol) or a fixed grid (euler, midpoint, rk4; "
-        "needs --steps) (default: dopri5)",
+        help="ODE solver: adaptive (dopri5, bosh3, ...; --rtol/--atol) or a fixed grid (euler, midpoint, rk4, "
+        "fixed_adams, ...; needs --steps) (default: dopri5)",
     )
     group.add_argument("--steps", type=positive_int, default=None, help="steps of a fixed-grid method")
 
@@ -122,6 +124,12 @@ def cnf_options(args: argparse.Namespace) -> dict:
         raise ColaprobError(
             f"--method {args.method} needs --steps." if fixed else f"--steps is for fixed-grid methods, not for --method {args.method}."
         )
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if not fixed and value < cnf.TOLERANCE_FLOOR:
+            raise ColaprobError(
+                f"--{name} {value:g} is below {cnf.TOLERANCE_FLOOR:g}, where the solver's steps underflow before t = 1; give {cnf.TOLERANCE_FLOOR:g} or more."
+            )
     options = {"method": args.method, "steps": args.steps} if fixed else {"method": args.method, "rtol": args.rtol, "atol": args.atol}
     if args.trace == "hutchinson":
         options["n_probes"] = args.probes
