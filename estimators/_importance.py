@@ -29,7 +29,7 @@ from colaprob.estimators import _checks, cnf, statistics, streams, units
 from colaprob.protocol import TokenBatch, to_prior_space
 
 # The keyword arguments an estimator passes on to ``cnf.block_causal_log_prob``.
-CNF_OPTIONS = ("method", "rtol", "atol", "steps", "n_probes", "probe", "vjp_chunk")
+CNF_OPTIONS = ("method", "rtol", "atol", "steps", "n_probes", "probe", "vjp_chunk", "solver_error")
 
 
 def check_arguments(model, batch: TokenBatch, n_samples: int, *, seed: int, chunk_size: int, trace: str, cnf_options: dict) -> None:
@@ -84,8 +84,9 @@ class Draws:
     ``prior`` and ``posterior`` (``log p(x|z)``, ``log p(z)``, ``log q(z|x)`` over the counted
     tokens and latents), with ``prefix_tokens`` also ``decoder_prefix``, ``prior_prefix``,
     ``posterior_prefix`` (prefix tokens; prior blocks covering them), and for Hutchinson
-    ``prior_probe_se``. ``sums``: name -> [B, ...] sums over a row's samples: ``token_decoder``
-    [B, N], ``block_prior`` [B, n_blocks]. ``integrated``: [B, n_blocks] the prior blocks and
+    ``prior_probe_se``, and with the solver error ``prior_solver_error`` (and
+    ``prior_prefix_solver_error``). ``sums``: name -> [B, ...] sums over a row's samples:
+    ``token_decoder`` [B, N], ``block_prior`` [B, n_blocks] (and ``block_prior_solver_error``). ``integrated``: [B, n_blocks] the prior blocks and
     ``counted_tokens``: [B, N] the tokens that count.
     """
 
@@ -166,12 +167,16 @@ def draw(
         prefix_positions = sampled & (position < covering_blocks[:, None] * bs)
         prefix_token_mask = counted_tokens & (token < prefix_tokens[:, None])
     hutchinson = trace == "hutchinson"
+    cnf_options = dict(cnf_options)
+    with_error = cnf_options.setdefault("solver_error", False)
     n_probes = cnf_options.pop("n_probes", 1)
     probe = cnf_options.pop("probe", "rademacher")
 
     per_sample: dict[str, list[Tensor]] = {}
     sums = {"token_decoder": torch.zeros(B, N, dtype=torch.float64), "block_prior": torch.zeros(B, n_blocks, dtype=torch.float64)}
-    nfe, settings = 0, {}
+    if with_error:
+        sums["block_prior_solver_error"] = torch.zeros(B, n_blocks, dtype=torch.float64)
+    nfe, error_nfe, settings = 0, 0, {}
     for k0 in range(start, start + n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, start + n_samples))
         eps = streams.draws(seed, streams.POSTERIOR, keys, indices, lengths, d).to(device, dtype)
@@ -196,7 +201,7 @@ def draw(
             seed=seed,
             **cnf_options,
         )
-        nfe, settings = nfe + r.nfe, r.settings
+        nfe, error_nfe, settings = nfe + r.nfe, error_nfe + r.error_nfe, r.settings
         block_prior = r.block_logp.cpu() + jacobian  # [k, B, n_blocks], on z
         block_posterior = cnf._per_block(posterior * sampled, bs)
         terms = {
@@ -210,12 +215,20 @@ def draw(
             terms["posterior_prefix"] = (posterior * prefix_positions).sum((-1))
         if hutchinson:
             terms["prior_probe_se"] = r.logp_se.cpu()
+        if with_error:
+            block_error = r.block_logp_error.cpu()
+            terms["prior_solver_error"] = r.logp_error.cpu()
+            if prefix_tokens is not None:
+                terms["prior_prefix_solver_error"] = (block_error * prefix_blocks).sum(-1)
+            sums["block_prior_solver_error"] += block_error.sum(0)
         for name, value in terms.items():
             per_sample.setdefault(name, []).append(value.T)
         sums["token_decoder"] += (decoder * counted_tokens).sum(0)
         sums["block_prior"] += block_prior.sum(0)
     if hutchinson:  # the probes were passed to the CNF explicitly; name how they were drawn
         settings.update(n_probes=n_probes, probe=probe)
+    if with_error:
+        settings["solver_error_nfe"] = error_nfe
     return Draws(
         per_sample={name: torch.cat(parts, 1) for name, parts in per_sample.items()},
         sums=sums,
@@ -227,12 +240,18 @@ def draw(
     )
 
 
-def summarise(model, batch: TokenBatch, keys: Tensor, draws: Draws, average, se, estimator: str, seed: int, chunk_size: int) -> xr.Dataset:
+def summarise(
+    model, batch: TokenBatch, keys: Tensor, draws: Draws, average, se, estimator: str, seed: int, chunk_size: int, *, weighted: bool = False
+) -> xr.Dataset:
     """The dataset of ELBO or IWAE: ``log_likelihood = average(log_weight)`` and
-    ``log_likelihood_se = se(log_weight)`` (over ``sample``), with units and attributes."""
+    ``log_likelihood_se = se(log_weight)`` (over ``sample``), with units and attributes, and
+    ``log_likelihood_solver_error`` (``statistics.solver_error``; ``weighted`` for an
+    importance-weighted average)."""
     ds = weights_dataset(draws, keys, draws.log_weight)
     ds["log_likelihood"] = average(ds["log_weight"])
     ds["log_likelihood_se"] = se(ds["log_weight"])
+    if "prior_solver_error" in ds:
+        ds["log_likelihood_solver_error"] = statistics.solver_error(ds["log_weight"], ds["prior_solver_error"], weighted=weighted)
     ds = units.with_units(ds, batch.n_tokens.numpy(), batch.n_bytes.numpy(), batch.n_words.numpy())
     return describe(ds, model, draws, estimator, seed, chunk_size)
 
@@ -256,8 +275,12 @@ def weights_dataset(draws: Draws, keys: Tensor, log_weight: Tensor) -> xr.Datase
         },
         coords={"sequence": keys.numpy(), "sample": np.arange(log_weight.shape[1])},
     )
-    if "prior_probe_se" in draws.per_sample:
-        ds["prior_probe_se"] = (samples, draws.per_sample["prior_probe_se"].numpy())
+    for name in ("prior_probe_se", "prior_solver_error"):
+        if name in draws.per_sample:
+            ds[name] = (samples, draws.per_sample[name].numpy())
+    if "block_prior_solver_error" in draws.sums:
+        error_mean = torch.where(draws.integrated, draws.sums["block_prior_solver_error"] / n[:, None], math.nan)
+        ds["block_prior_solver_error"] = (("sequence", "block"), error_mean.numpy())
     ds["ess"] = statistics.ess(ds["log_weight"])
     ds["khat"] = statistics.pareto_khat(ds["log_weight"])
     ds["khat_threshold"] = statistics.khat_threshold(ds["n_samples"])

@@ -53,7 +53,7 @@ def iwae(
             more = _importance.draw(model, batch.select(rows), K, keys=keys[rows], start=K, **options)
             draws = draws.extend(rows, more)
     estimator = f"IWAE-{int(draws.n_samples.max())} (lower bound in expectation)"
-    ds = _importance.summarise(model, batch, keys, draws, statistics.log_mean_exp, statistics.log_mean_exp_se, estimator, seed, chunk_size)
+    ds = _importance.summarise(model, batch, keys, draws, statistics.log_mean_exp, statistics.log_mean_exp_se, estimator, seed, chunk_size, weighted=True)
     ds["reliable"] = ds["khat"] < ds["khat_threshold"]
     return ds
 

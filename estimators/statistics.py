@@ -85,6 +85,26 @@ def paired_log_mean_exp_se(log_weights_a: xr.DataArray, log_weights_b: xr.DataAr
     )
 
 
+def solver_error(log_weights: xr.DataArray, errors: xr.DataArray, *, weighted: bool, dim: str = "sample") -> xr.DataArray:
+    """The solver error of an average of log-weights whose samples carry solver errors
+    ``e_k`` (nats, ``cnf`` estimates): ``mean_k e_k`` for the plain average (the ELBO);
+    ``sum_k w_k e_k / sum_k w_k`` for ``log_mean_exp`` (``weighted``): to first order an error
+    ``d_k`` in ``lw_k`` moves ``log mean exp(lw)`` by the weight-averaged ``d_k``. Kept apart
+    from the Monte Carlo standard error: the two are different things and both are reported."""
+    fn = _weighted_error if weighted else (lambda lw, e: _mean(e[~np.isnan(lw)]))
+    return xr.apply_ufunc(fn, log_weights.astype(np.float64), errors.astype(np.float64), input_core_dims=[[dim], [dim]], vectorize=True)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _weighted_error(log_weights: np.ndarray, errors: np.ndarray) -> float:
+    present = ~np.isnan(log_weights)
+    w = _relative_weights(log_weights)
+    return float(np.sum(w * errors[present]) / w.sum()) if len(w) else math.nan
+
+
 def count(values: xr.DataArray, dim: str = "sample") -> xr.DataArray:
     """Samples present (not NaN) along ``dim``."""
     return values.notnull().sum(dim)

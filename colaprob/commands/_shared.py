@@ -96,7 +96,9 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-5) -> None:
+def add_cnf_options(
+    parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-5, target_error: bool = False
+) -> None:
     group = parser.add_argument_group("prior density (CNF)")
     group.add_argument(
         "--trace",
@@ -115,6 +117,15 @@ def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "ex
         "fixed_adams, ...; needs --steps) (default: dopri5)",
     )
     group.add_argument("--steps", type=positive_int, default=None, help="steps of a fixed-grid method")
+    if target_error:
+        group.add_argument(
+            "--target-error",
+            type=tolerance,
+            default=None,
+            metavar="NATS",
+            help="tighten the solver (tolerances / 10, or twice the steps) until every document's estimated solver error "
+            "is below NATS; the settings reached are recorded per document (default: the given settings)",
+        )
 
 
 def cnf_options(args: argparse.Namespace) -> dict:

@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pairs: skip the direct estimate log p(response | prompt latents) that conditional adds (halves the cost)",
     )
-    _shared.add_cnf_options(parser)
+    _shared.add_cnf_options(parser, target_error=True)
     _shared.add_output_options(parser, "scores.nc")
 
 
@@ -139,6 +139,7 @@ class Job:
             "chunk_size": args.chunk_size,
             "trace": args.trace,
             **cnf_options,
+            "target_error": args.target_error,
             "seed": args.seed,
             "device_type": ctx.device.type,
             "max_tokens": model.framing.max_tokens,
@@ -147,10 +148,28 @@ class Job:
         self.plan = runner.Plan(settings, n_items=len(rows), batch_size=args.batch_size)
 
     def score_batch(self, items: range) -> xr.Dataset:
+        """The batch's estimate; with ``--target-error``, re-solved with tighter settings
+        until every row's solver error is below the target (or the tolerance floor is hit)."""
+        options = dict(self.cnf_options)
+        while True:
+            ds = self.estimate(items, options)
+            error = ds["log_likelihood_solver_error"].values
+            target = self.args.target_error
+            if target is None or not (error > target).any() or tighter(options) is None:
+                break
+            options = tighter(options)
+        ds["solver_setting"] = ("sequence", np.full(ds.sizes["sequence"], solver_label(options)))
+        if target is not None:
+            ds["solver_error_target_met"] = ("sequence", ~(ds["log_likelihood_solver_error"].values > target))
+        return ds
+
+    def estimate(self, items: range, cnf_options: dict) -> xr.Dataset:
         from colaprob import estimators
 
         chosen = [self.rows[i] for i in items]
-        options = dict(seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
+        options = dict(
+            seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, solver_error=True, **cnf_options
+        )
         if self.estimator == "conditional":
             documents = [row.document for row in chosen]
             batch, prefix_tokens, response = self.model.frame_pairs([d.prompt for d in documents], [d.text for d in documents])
@@ -163,6 +182,24 @@ class Job:
                 options["max_samples"] = self.args.max_samples
             ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
         return with_identity(ds, chosen)
+
+
+def tighter(options: dict) -> dict | None:
+    """The next solver settings toward ``--target-error``: tolerances / 10 (None below the
+    floor where the solver's steps underflow), or twice the steps of a fixed grid (None past
+    4096 steps)."""
+    from colaprob.estimators import cnf
+
+    if "steps" in options:
+        return {**options, "steps": 2 * options["steps"]} if options["steps"] < 4096 else None
+    rtol, atol = options["rtol"] / 10, options["atol"] / 10
+    return {**options, "rtol": rtol, "atol": atol} if min(rtol, atol) >= cnf.TOLERANCE_FLOOR else None
+
+
+def solver_label(options: dict) -> str:
+    if "steps" in options:
+        return f"{options['method']} steps {options['steps']}"
+    return f"{options['method']} rtol {options['rtol']:g} atol {options['atol']:g}"
 
 
 def with_identity(ds: xr.Dataset, chosen: list[_shared.Row]) -> xr.Dataset:
@@ -195,6 +232,10 @@ def summary(ds: xr.Dataset, output) -> dict:
         "log_likelihood": float(ds["log_likelihood"].sum()),
         "log_likelihood_se": float(np.sqrt((ds["log_likelihood_se"] ** 2).sum())),
     }
+    if "log_likelihood_solver_error" in ds:
+        # Solver errors are systematic, not independent: they add, unlike standard errors.
+        row["log_likelihood_solver_error"] = float(ds["log_likelihood_solver_error"].sum())
+        row["nats_per_token_solver_error"] = row["log_likelihood_solver_error"] / max(row["tokens"], 1)
     for name in UNITS:
         row[name] = float(ds[f"corpus_{name}"])
         row[f"{name}_se"] = float(ds[f"corpus_{name}_se"])
@@ -233,6 +274,9 @@ def report(ds: xr.Dataset, args) -> None:
     table = {"estimator": short_name(ds), "sequences": row["sequences"], "tokens": row["tokens"]}
     table.update({name: _shared.plus_minus(row[name], row[f"{name}_se"]) for name in UNITS})
     columns = [(key, key.replace("_", " ")) for key in table]
+    if "nats_per_token_solver_error" in row:
+        table["solver_error"] = f"{row['nats_per_token_solver_error']:.1e}"
+        columns.append(("solver_error", "solver error nats/token"))
     if "reliable_fraction" in row:
         table["reliable_fraction"] = khat_cell(row)
         columns.append(("reliable_fraction", "k-hat reliable"))
