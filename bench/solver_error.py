@@ -90,7 +90,7 @@ def embedded(args) -> None:
     if args.quick:
         double = model
         double.double()
-        ref_tol = 1e-6
+        ref_tol = 1e-4
     else:
         double, ref_tol = colaprob.load("tiny").eval().double(), 1e-10
     start = time.process_time()

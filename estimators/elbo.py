@@ -25,7 +25,7 @@ def elbo(
 
     ``cnf_options`` go to ``cnf.block_causal_log_prob`` (``method``, ``rtol``, ``atol``,
     ``steps``, ``n_probes``, ``probe``, ``vjp_chunk``, ``solver_error``: True to estimate the
-    prior's solver error by a finer companion solve, which costs 1.4 to 2 times the solve
+    prior's solver error by a finer companion solve, which costs 1.3 to 2.9 times the solve
     itself, see BENCHMARKS.md; ``colaprob score`` always does). ``sequence_ids`` ([B] non-negative integers, default
     the row index) key each sequence's random stream.
 

@@ -57,3 +57,8 @@ def test_iwae_bench_measures_memory_in_fresh_processes():
 def test_demo_bench_times_the_demo_end_to_end():
     out = run_bench("demo.py")
     assert "median wall s" in out and "IWAE" in out
+
+
+def test_solver_error_bench_reports_coverage_against_the_references():
+    out = run_bench("solver_error.py")
+    assert "bounds (seq)" in out and "Analytic harness" in out and "Embedded DiT" in out

@@ -39,3 +39,20 @@ def test_max_samples_doubles_k_until_khat_is_computable(tmp_path, fixture_dirs, 
     assert refused.code == 2 and "--max-samples 4 is below -K 8" in refused.err
     wrong = run_cli("score", texts, "--per-line", "--model", fixture_dirs[0], "-K", "8", "--max-samples", "32", "-o", tmp_path / "e.nc", *CHEAP)
     assert wrong.code == 2 and "--estimator iwae only" in wrong.err
+
+
+def test_the_table_prints_the_solver_error_and_target_error_tightens_until_met(tmp_path, fixture_dirs, texts):
+    output = tmp_path / "s.nc"
+    args = ("score", texts, "--per-line", "--model", fixture_dirs[0], "-K", "2", "--method", "rk4", "--steps", "2", "--trace", "hutchinson")
+    coarse = run_cli(*args, "-o", output, "--quiet")
+    assert coarse.code == 0, coarse.err
+    assert "solver error nats/token" in coarse.out
+    loose = results.read_dataset(output)["log_likelihood_solver_error"].values
+    assert (loose > 0).all()
+    target = float(loose.min()) / 4
+    outcome = run_cli(*args, "-o", tmp_path / "t.nc", "--quiet", "--target-error", repr(target))
+    assert outcome.code == 0, outcome.err
+    ds = results.read_dataset(tmp_path / "t.nc")
+    assert (ds["log_likelihood_solver_error"].values <= target).all() and ds["solver_error_target_met"].all()
+    assert all(setting.startswith("rk4 steps ") and int(setting.split()[-1]) > 2 for setting in ds["solver_setting"].values)
+    assert ds.attrs["target_error"] == target

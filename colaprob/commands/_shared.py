@@ -97,7 +97,7 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cnf_options(
-    parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-5, target_error: bool = False
+    parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-7, target_error: bool = False
 ) -> None:
     group = parser.add_argument_group("prior density (CNF)")
     group.add_argument(
