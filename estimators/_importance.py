@@ -119,7 +119,10 @@ class Draws:
         # A sub-batch may be narrower (fewer tokens and blocks): pad its sums.
         widen = lambda x, like: torch.nn.functional.pad(x, (0, like.shape[-1] - x.shape[-1]))
         sums = {name: values.index_add(0, rows, widen(more.sums[name], values)) for name, values in self.sums.items()}
-        return Draws(per_sample, sums, self.integrated, self.counted_tokens, n, self.nfe + more.nfe, self.settings)
+        settings = dict(self.settings)
+        if "solver_error_nfe" in settings:
+            settings["solver_error_nfe"] += more.settings.get("solver_error_nfe", 0)
+        return Draws(per_sample, sums, self.integrated, self.counted_tokens, n, self.nfe + more.nfe, settings)
 
 
 def draw(

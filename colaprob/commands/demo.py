@@ -163,12 +163,13 @@ def headline_rows(scores: dict) -> list[dict]:
 
 
 COLUMNS = [("estimator", "estimator"), ("nats_per_token", "nats/token"), ("bits_per_byte", "bits/byte"),
-           ("token_perplexity", "token ppl"), ("reliable_fraction", "k-hat reliable")]
+           ("token_perplexity", "token ppl"), ("solver_error", "solver error nats/token"), ("reliable_fraction", "k-hat reliable")]
 
 
 def _table_rows(headline: list[dict]) -> list[dict]:
     return [{**row, **{k: _shared.plus_minus(row[k], row[f"{k}_se"]) for k in ("nats_per_token", "bits_per_byte", "token_perplexity")},
-             **({"reliable_fraction": score.khat_cell(row)} if "reliable_fraction" in row else {})}
+             **({"reliable_fraction": score.khat_cell(row)} if "reliable_fraction" in row else {}),
+             **({"solver_error": f"{row['nats_per_token_solver_error']:.1e}"} if "nats_per_token_solver_error" in row else {})}
             for row in headline]
 
 
@@ -203,7 +204,7 @@ def readme(headline: list[dict], diagnostics: dict, args) -> str:
         + head + body +
         "\nELBO is a lower bound; IWAE-K a lower bound in expectation; with the Hutchinson trace the IWAE is "
         "biased (the log-determinant is unbiased, its exponential inside the log-sum-exp is not). Values are "
-        "mean ± standard error; `k-hat reliable` is the share of documents whose Pareto k-hat is below the threshold "
+        "mean ± Monte Carlo standard error; `solver error` is the estimated error of the prior's ODE solve, a separate figure; `k-hat reliable` is the share of documents whose Pareto k-hat is below the threshold "
         f"(not computable, n/a, below K = {KHAT_MIN_SAMPLES}).\n\n"
         f"Where the bound goes: distortion {dec['distortion_nats_per_token']:.4f} and rate "
         f"{dec['rate_nats_per_token']:.4f} nats/token; I_q(X;Z) = {dec['mutual_information']:.3f} ± "
