@@ -25,8 +25,56 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from colaprob.estimators import cnf, statistics, streams, units
+from colaprob.estimators import _checks, cnf, statistics, streams, units
 from colaprob.protocol import TokenBatch, to_prior_space
+
+# The keyword arguments an estimator passes on to ``cnf.block_causal_log_prob``.
+CNF_OPTIONS = ("method", "rtol", "atol", "steps", "n_probes", "probe", "vjp_chunk", "solver_error")
+
+
+def check_arguments(model, batch: TokenBatch, n_samples: int, *, seed: int, chunk_size: int, trace: str, cnf_options: dict) -> None:
+    """Refuse, with one sentence naming the argument, what the estimators cannot compute:
+    ``n_samples`` (K) or ``chunk_size`` below 1, a negative ``seed``, an unknown ``trace`` or
+    solver option, solver settings ``cnf.check_solver`` refuses, and a batch whose shapes
+    disagree or that holds an empty sequence (it has no likelihood, and would read as 0)."""
+    _checks.integer("n_samples (K)", n_samples, minimum=1)
+    _checks.integer("chunk_size", chunk_size, minimum=1)
+    _checks.integer("seed", seed, minimum=0)
+    if trace not in cnf.TRACE_NOTES:
+        raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
+    unknown = sorted(set(cnf_options) - set(CNF_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown solver option {unknown[0]!r}; the options are {', '.join(CNF_OPTIONS)}")
+    cnf.check_solver(cnf_options.get("method", "dopri5"), cnf_options.get("rtol", 1e-5), cnf_options.get("atol", 1e-5), cnf_options.get("steps"))
+    if "n_probes" in cnf_options:
+        _checks.integer("n_probes", cnf_options["n_probes"], minimum=1)
+    if "vjp_chunk" in cnf_options:
+        _checks.integer("vjp_chunk", cnf_options["vjp_chunk"], minimum=1)
+    if cnf_options.get("probe", "rademacher") not in ("rademacher", "gaussian"):
+        raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {cnf_options['probe']!r}")
+    check_batch(batch)
+
+
+def check_batch(batch: TokenBatch) -> None:
+    """``ids`` [B, N], ``lengths`` [B] integers in ``1..N``, the unit counts [B]."""
+    if not isinstance(batch, TokenBatch):
+        raise TypeError(f"batch must be a colaprob.protocol.TokenBatch (model.frame(texts) makes one), not {type(batch).__name__}")
+    if batch.ids.dim() != 2:
+        raise ValueError(f"batch.ids must be [sequences, tokens], got shape {tuple(batch.ids.shape)}")
+    B, N = batch.ids.shape
+    if B == 0:
+        raise ValueError("batch holds no sequences")
+    lengths = _checks.integer_tensor("batch.lengths", batch.lengths, (B,), minimum=0, maximum=N)
+    if tuple(torch.as_tensor(batch.lengths).shape) != (B,):
+        raise ValueError(f"batch.lengths must hold one length per sequence ({B}), got shape {tuple(torch.as_tensor(batch.lengths).shape)}")
+    empty = torch.nonzero(lengths == 0)[:, 0].tolist()
+    if empty:
+        raise ValueError(f"batch.lengths is 0 for sequence(s) {empty}: an empty sequence has no likelihood; leave it out of the batch")
+    for name in units.COUNTS:
+        count = torch.as_tensor(getattr(batch, name))
+        if tuple(count.shape) != (B,):
+            raise ValueError(f"batch.{name} must hold one count per sequence ({B}), got shape {tuple(count.shape)}")
+
 
 @dataclass
 class Draws:
@@ -36,8 +84,9 @@ class Draws:
     ``prior`` and ``posterior`` (``log p(x|z)``, ``log p(z)``, ``log q(z|x)`` over the counted
     tokens and latents), with ``prefix_tokens`` also ``decoder_prefix``, ``prior_prefix``,
     ``posterior_prefix`` (prefix tokens; prior blocks covering them), and for Hutchinson
-    ``prior_probe_se``. ``sums``: name -> [B, ...] sums over a row's samples: ``token_decoder``
-    [B, N], ``block_prior`` [B, n_blocks]. ``integrated``: [B, n_blocks] the prior blocks and
+    ``prior_probe_se``, and with the solver error ``prior_solver_error`` (and
+    ``prior_prefix_solver_error``). ``sums``: name -> [B, ...] sums over a row's samples:
+    ``token_decoder`` [B, N], ``block_prior`` [B, n_blocks] (and ``block_prior_solver_error``). ``integrated``: [B, n_blocks] the prior blocks and
     ``counted_tokens``: [B, N] the tokens that count.
     """
 
@@ -70,7 +119,10 @@ class Draws:
         # A sub-batch may be narrower (fewer tokens and blocks): pad its sums.
         widen = lambda x, like: torch.nn.functional.pad(x, (0, like.shape[-1] - x.shape[-1]))
         sums = {name: values.index_add(0, rows, widen(more.sums[name], values)) for name, values in self.sums.items()}
-        return Draws(per_sample, sums, self.integrated, self.counted_tokens, n, self.nfe + more.nfe, self.settings)
+        settings = dict(self.settings)
+        if "solver_error_nfe" in settings:
+            settings["solver_error_nfe"] += more.settings.get("solver_error_nfe", 0)
+        return Draws(per_sample, sums, self.integrated, self.counted_tokens, n, self.nfe + more.nfe, settings)
 
 
 def draw(
@@ -94,6 +146,8 @@ def draw(
     clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
     and the latents from ``pinned`` on (the direct conditional).
     """
+    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    _checks.integer("start", start, minimum=0)
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     B, N = batch.ids.shape
     with torch.no_grad():
@@ -116,12 +170,16 @@ def draw(
         prefix_positions = sampled & (position < covering_blocks[:, None] * bs)
         prefix_token_mask = counted_tokens & (token < prefix_tokens[:, None])
     hutchinson = trace == "hutchinson"
+    cnf_options = dict(cnf_options)
+    with_error = cnf_options.setdefault("solver_error", False)
     n_probes = cnf_options.pop("n_probes", 1)
     probe = cnf_options.pop("probe", "rademacher")
 
     per_sample: dict[str, list[Tensor]] = {}
     sums = {"token_decoder": torch.zeros(B, N, dtype=torch.float64), "block_prior": torch.zeros(B, n_blocks, dtype=torch.float64)}
-    nfe, settings = 0, {}
+    if with_error:
+        sums["block_prior_solver_error"] = torch.zeros(B, n_blocks, dtype=torch.float64)
+    nfe, error_nfe, settings = 0, 0, {}
     for k0 in range(start, start + n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, start + n_samples))
         eps = streams.draws(seed, streams.POSTERIOR, keys, indices, lengths, d).to(device, dtype)
@@ -146,7 +204,7 @@ def draw(
             seed=seed,
             **cnf_options,
         )
-        nfe, settings = nfe + r.nfe, r.settings
+        nfe, error_nfe, settings = nfe + r.nfe, error_nfe + r.error_nfe, r.settings
         block_prior = r.block_logp.cpu() + jacobian  # [k, B, n_blocks], on z
         block_posterior = cnf._per_block(posterior * sampled, bs)
         terms = {
@@ -160,12 +218,20 @@ def draw(
             terms["posterior_prefix"] = (posterior * prefix_positions).sum((-1))
         if hutchinson:
             terms["prior_probe_se"] = r.logp_se.cpu()
+        if with_error:
+            block_error = r.block_logp_error.cpu()
+            terms["prior_solver_error"] = r.logp_error.cpu()
+            if prefix_tokens is not None:
+                terms["prior_prefix_solver_error"] = (block_error * prefix_blocks).sum(-1)
+            sums["block_prior_solver_error"] += block_error.sum(0)
         for name, value in terms.items():
             per_sample.setdefault(name, []).append(value.T)
         sums["token_decoder"] += (decoder * counted_tokens).sum(0)
         sums["block_prior"] += block_prior.sum(0)
     if hutchinson:  # the probes were passed to the CNF explicitly; name how they were drawn
         settings.update(n_probes=n_probes, probe=probe)
+    if with_error:
+        settings["solver_error_nfe"] = error_nfe
     return Draws(
         per_sample={name: torch.cat(parts, 1) for name, parts in per_sample.items()},
         sums=sums,
@@ -177,12 +243,18 @@ def draw(
     )
 
 
-def summarise(model, batch: TokenBatch, keys: Tensor, draws: Draws, average, se, estimator: str, seed: int, chunk_size: int) -> xr.Dataset:
+def summarise(
+    model, batch: TokenBatch, keys: Tensor, draws: Draws, average, se, estimator: str, seed: int, chunk_size: int, *, weighted: bool = False
+) -> xr.Dataset:
     """The dataset of ELBO or IWAE: ``log_likelihood = average(log_weight)`` and
-    ``log_likelihood_se = se(log_weight)`` (over ``sample``), with units and attributes."""
+    ``log_likelihood_se = se(log_weight)`` (over ``sample``), with units and attributes, and
+    ``log_likelihood_solver_error`` (``statistics.solver_error``; ``weighted`` for an
+    importance-weighted average)."""
     ds = weights_dataset(draws, keys, draws.log_weight)
     ds["log_likelihood"] = average(ds["log_weight"])
     ds["log_likelihood_se"] = se(ds["log_weight"])
+    if "prior_solver_error" in ds:
+        ds["log_likelihood_solver_error"] = statistics.solver_error(ds["log_weight"], ds["prior_solver_error"], weighted=weighted)
     ds = units.with_units(ds, batch.n_tokens.numpy(), batch.n_bytes.numpy(), batch.n_words.numpy())
     return describe(ds, model, draws, estimator, seed, chunk_size)
 
@@ -206,11 +278,16 @@ def weights_dataset(draws: Draws, keys: Tensor, log_weight: Tensor) -> xr.Datase
         },
         coords={"sequence": keys.numpy(), "sample": np.arange(log_weight.shape[1])},
     )
-    if "prior_probe_se" in draws.per_sample:
-        ds["prior_probe_se"] = (samples, draws.per_sample["prior_probe_se"].numpy())
+    for name in ("prior_probe_se", "prior_solver_error"):
+        if name in draws.per_sample:
+            ds[name] = (samples, draws.per_sample[name].numpy())
+    if "block_prior_solver_error" in draws.sums:
+        error_mean = torch.where(draws.integrated, draws.sums["block_prior_solver_error"] / n[:, None], math.nan)
+        ds["block_prior_solver_error"] = (("sequence", "block"), error_mean.numpy())
     ds["ess"] = statistics.ess(ds["log_weight"])
     ds["khat"] = statistics.pareto_khat(ds["log_weight"])
     ds["khat_threshold"] = statistics.khat_threshold(ds["n_samples"])
+    ds["khat_computable"] = statistics.khat_computable(ds["n_samples"])
     return ds
 
 

@@ -36,12 +36,104 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams"})
+from colaprob.errors import ColaprobError
+from colaprob.estimators import _checks
+
+# Every torchdiffeq method is either adaptive (rtol / atol decide the steps) or runs on a grid
+# of ``steps`` equal steps; ``scipy_solver`` is refused (below).
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"})
+REFUSED_METHODS = {"scipy_solver": "it integrates NumPy copies outside torch and cannot take the per-sample error norm"}
+# Below this an adaptive step that meets the tolerance is too small to move t in float64.
+TOLERANCE_FLOOR = 1e-12
 TRACE_NOTES = {
     "exact": "exact",
     "hutchinson": "hutchinson (unbiased log-det, biased inside log-sum-exp)",
 }
 _LOG_2PI = math.log(2 * math.pi)
+
+
+class SolverFailure(ColaprobError, ArithmeticError):
+    """The ODE solver could not reach ``t = 1`` (its step size underflowed)."""
+
+
+def check_solver(method: str, rtol: float, atol: float, steps: int | None, *, steps_with_adaptive: bool = False) -> None:
+    """Refuse a method that is not in the registry, a fixed grid without ``steps``, ``steps``
+    given to an adaptive method (unless ``steps_with_adaptive``: then it is ignored), and
+    tolerances that are not finite, positive and at least ``TOLERANCE_FLOOR``."""
+    if method in REFUSED_METHODS:
+        raise ValueError(f"method {method!r} is not supported: {REFUSED_METHODS[method]}; use {' or '.join(ADAPTIVE_METHODS[:2])}")
+    if method not in ADAPTIVE_METHODS and method not in FIXED_GRID_METHODS:
+        raise ValueError(
+            f"method {method!r} is not a torchdiffeq method colaprob runs; use an adaptive one ({', '.join(ADAPTIVE_METHODS)}) "
+            f"with rtol / atol or a fixed grid ({', '.join(sorted(FIXED_GRID_METHODS))}) with steps"
+        )
+    if method in FIXED_GRID_METHODS:
+        if steps is None:
+            raise ValueError(f"method {method!r} is a fixed-grid method and needs steps, the number of steps from t = 0 to 1")
+        _checks.integer("steps", steps, minimum=1)
+    elif steps is not None and not steps_with_adaptive:
+        raise ValueError(f"steps is for fixed-grid methods; method {method!r} is adaptive and takes rtol and atol instead")
+    _checks.positive_number("rtol", rtol, floor=TOLERANCE_FLOOR)
+    _checks.positive_number("atol", atol, floor=TOLERANCE_FLOOR)
+
+
+# Orders of the fixed-grid methods: halving the step divides their error by 2^order.
+FIXED_GRID_ORDERS = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "explicit_adams": 4, "implicit_adams": 4, "fixed_adams": 4}
+# The companion solve: an adaptive method at the tolerances divided by this, a fixed grid on
+# twice the steps. Its error is a fraction of the main solve's, so their difference is
+# nearly the main solve's error (a looser companion would be cheaper, but its error relates
+# to the main one's only through tolerance proportionality, which held in too few cases on
+# bench/solver_error.py).
+COMPANION_TIGHTENING = 10.0
+# Assumed ratio of the main solve's error to the companion's (tolerance proportionality for
+# adaptive methods, 2^order for a grid twice as fine), and the safety factor on the estimate.
+ADAPTIVE_ERROR_RATIO, SAFETY = 10.0, 2.0
+# Units of float rounding per nat of the density that a velocity in float32 leaves in it.
+ROUNDING_ULPS = 1
+
+
+def companion_settings(method: str, rtol: float, atol: float, steps: int | None) -> dict:
+    """The second, finer solve whose difference from the first estimates the first's error."""
+    if method in FIXED_GRID_METHODS:
+        return dict(method=method, rtol=rtol, atol=atol, steps=2 * steps)
+    return dict(method=method, rtol=rtol / COMPANION_TIGHTENING, atol=atol / COMPANION_TIGHTENING, steps=None)
+
+
+def solver_error_bound(prior: Tensor, delta: Tensor, companion: Tensor, method: str, dtype: torch.dtype) -> Tensor:
+    """The estimated solver error of ``prior + delta`` [n_probes, ...] (the two terms of the
+    density) from the companion solve's values, in nats, averaged over probes: [...].
+
+    Truncation: with ``e`` the main solve's error and ``r`` the ratio of it to the companion's,
+    ``|value - companion| ~ (1 - 1 / r) |e|``, so ``|e| ~ |value - companion| r / (r - 1)``:
+    ``r = 2^order`` for a grid twice as fine (Richardson), ``ADAPTIVE_ERROR_RATIO`` for an
+    adaptive method at tightened tolerances; times ``SAFETY``. Rounding: the velocity's
+    ``dtype`` rounds every evaluation alike in both solves, which their difference cannot
+    see: ``ROUNDING_ULPS * eps(dtype) * (|prior| + |delta|)`` is added for it."""
+    ratio = 2.0 ** FIXED_GRID_ORDERS[method] if method in FIXED_GRID_METHODS else ADAPTIVE_ERROR_RATIO
+    truncation = SAFETY * (prior + delta - companion).abs() * ratio / (ratio - 1)
+    rounding = ROUNDING_ULPS * torch.finfo(dtype).eps * (prior.abs() + delta.abs())
+    return (truncation + rounding).mean(0)
+
+
+def describe_solver_error(method: str) -> str:
+    if method in FIXED_GRID_METHODS:
+        return f"{SAFETY:g} x Richardson estimate from a solve on twice the steps (order {FIXED_GRID_ORDERS[method]})"
+    return f"{SAFETY:g} x |logp - logp at the tolerances / {COMPANION_TIGHTENING:g}| x {ADAPTIVE_ERROR_RATIO:g} / {ADAPTIVE_ERROR_RATIO - 1:g}"
+
+
+def _check_trace(trace: str, n_probes: int, probe: str, probes: Tensor | None, z0: Tensor, vjp_chunk: int) -> None:
+    if trace not in TRACE_NOTES:
+        raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
+    _checks.integer("vjp_chunk", vjp_chunk, minimum=1)
+    if trace == "hutchinson" and probes is None:
+        _checks.integer("n_probes", n_probes, minimum=1)
+        if probe not in ("rademacher", "gaussian"):
+            raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {probe!r}")
+    if probes is not None:
+        _checks.floating_tensor("probes", probes, min_dims=z0.dim() + 1)
+        if tuple(probes.shape[1:]) != tuple(z0.shape) or probes.shape[0] < 1:
+            raise ValueError(f"probes must have shape [n_probes, *z0.shape] = [n, {', '.join(map(str, z0.shape))}], got {tuple(probes.shape)}")
 
 
 @dataclass(kw_only=True)
@@ -52,7 +144,10 @@ class LogProb:
     ``prior_logp``: ``log N(z1; 0, I)``; ``delta_logp``: ``integral div v dt`` (probe mean);
     ``z1``: the noise end of the flow, float64; ``nfe``: velocity evaluations;
     ``probe_logp``: [n_probes, ...] one estimate per Hutchinson probe (None when exact);
-    ``settings``: the trace, solver and tolerances used.
+    ``settings``: the trace, solver and tolerances used; ``logp_error``: with
+    ``solver_error``, the estimated solver error of ``logp`` in nats (``solver_error_bound``;
+    None otherwise), apart from the Monte Carlo error of the probes; ``error_nfe``: the
+    velocity evaluations that estimate cost.
     """
 
     logp: Tensor
@@ -62,6 +157,8 @@ class LogProb:
     nfe: int
     settings: dict
     probe_logp: Tensor | None = None
+    logp_error: Tensor | None = None
+    error_nfe: int = 0
 
     @property
     def logp_se(self) -> Tensor | None:
@@ -81,12 +178,14 @@ class BlockLogProb(LogProb):
     ``block_logp``: [..., n_blocks] ``log p(z^(b) | z^(<b))`` of the integrated positions of
     each block (0 where ``integrated`` is False: blocks wholly inside the clean prefix or at or
     beyond the sequence length); ``logp``: their sum; ``probe_block_logp``: [n_probes, ...,
-    n_blocks] for Hutchinson.
+    n_blocks] for Hutchinson; ``block_logp_error``: [..., n_blocks] each block's estimated
+    solver error with ``solver_error`` (``logp_error`` is that of their sum).
     """
 
     block_logp: Tensor
     integrated: Tensor
     probe_block_logp: Tensor | None = None
+    block_logp_error: Tensor | None = None
 
 
 def log_prob(
@@ -104,6 +203,7 @@ def log_prob(
     probe: str = "rademacher",
     probes: Tensor | None = None,
     vjp_chunk: int = 32,
+    solver_error: bool = False,
 ) -> LogProb:
     """``log p0(z0)`` of the flow ``dz/dt = velocity(z, t)`` (noise ``N(0, I)`` at ``t = 1``).
 
@@ -111,10 +211,15 @@ def log_prob(
     the batch dims ``...`` must be independent samples. ``z0``: [..., *event] with
     ``event_dims`` trailing event dims. ``trace``: ``"exact"`` or ``"hutchinson"`` (``n_probes``
     probes of kind ``probe`` drawn from ``seed``, or the given ``probes`` [n, *z0.shape]).
-    ``method``: a torchdiffeq method; fixed-grid methods need ``steps``.
+    ``method``: a torchdiffeq method; fixed-grid methods need ``steps``. ``solver_error``:
+    also estimate the solver error in nats (``solver_error_bound``: a second solve on the
+    same probes).
     """
-    if event_dims < 1:
-        raise ValueError("event_dims must be at least 1")
+    event_dims = _checks.integer("event_dims", event_dims, minimum=1)
+    _checks.floating_tensor("z0", z0, min_dims=event_dims)
+    check_solver(method, rtol, atol, steps)
+    _check_trace(trace, n_probes, probe, probes, z0, vjp_chunk)
+    _checks.integer("seed", seed, minimum=0)
     batch_shape = z0.shape[: z0.dim() - event_dims]
     event_shape = z0.shape[z0.dim() - event_dims :]
     event_axes = tuple(range(-event_dims, 0))
@@ -132,10 +237,19 @@ def log_prob(
     def reduce(terms: Tensor) -> Tensor:  # [n, ..., *event] -> [n, ...]
         return terms.sum(event_axes)
 
-    z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
-    prior = (-0.5 * z1.pow(2) - 0.5 * _LOG_2PI).sum(event_axes)
-    per_probe = prior + delta  # [n, ...]
+    def solve(method, rtol, atol, steps):
+        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
+        prior = (-0.5 * z1.pow(2) - 0.5 * _LOG_2PI).sum(event_axes)
+        return z1, prior, delta, nfe  # per probe: prior + delta, [n, ...]
+
+    z1, prior, delta, nfe = solve(method, rtol, atol, steps)
+    per_probe = prior + delta
     settings = _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, event_dims=event_dims)
+    error, error_nfe = None, 0
+    if solver_error:
+        _, prior_2, delta_2, error_nfe = solve(**companion_settings(method, rtol, atol, steps))
+        error = solver_error_bound(prior, delta, prior_2 + delta_2, method, z0.dtype)
+        settings["solver_error"] = describe_solver_error(method)
     return LogProb(
         logp=per_probe.mean(0),
         prior_logp=prior,
@@ -144,6 +258,8 @@ def log_prob(
         nfe=nfe,
         settings=settings,
         probe_logp=per_probe if trace == "hutchinson" else None,
+        logp_error=error,
+        error_nfe=error_nfe,
     )
 
 
@@ -164,6 +280,7 @@ def block_causal_log_prob(
     probe: str = "rademacher",
     probes: Tensor | None = None,
     vjp_chunk: int = 32,
+    solver_error: bool = False,
 ) -> BlockLogProb:
     """Every block's ``log p(z^(b) | z^(<b))`` of a block-causal flow, from one solve.
 
@@ -181,13 +298,19 @@ def block_causal_log_prob(
     ``t = 0`` (a prefix ending inside a block is given to that block as in training) and left
     out of the divergence and of ``N(z1; 0, I)``. ``lengths`` ([...] or int, a multiple of
     ``block_size`` or ``>= L``): positions at or beyond it are not integrated either. A block
-    with no integrated position reports 0 and ``integrated = False``.
+    with no integrated position reports 0 and ``integrated = False``. ``solver_error``: also
+    each block's estimated solver error in nats (``solver_error_bound``).
     """
+    _checks.floating_tensor("z0", z0, min_dims=2)
+    block_size = _checks.integer("block_size", block_size, minimum=1)
+    check_solver(method, rtol, atol, steps)
+    _check_trace(trace, n_probes, probe, probes, z0, vjp_chunk)
+    _checks.integer("seed", seed, minimum=0)
     *batch_shape, L, d = z0.shape
     n_blocks = -(-L // block_size)
     position = torch.arange(L, device=z0.device)
-    prefix = torch.as_tensor(0 if prefix_len is None else prefix_len, device=z0.device).expand(batch_shape)
-    length = torch.as_tensor(L if lengths is None else lengths, device=z0.device).expand(batch_shape)
+    prefix = _checks.integer_tensor("prefix_len", 0 if prefix_len is None else prefix_len, batch_shape, minimum=0, maximum=L).to(z0.device)
+    length = _checks.integer_tensor("lengths", L if lengths is None else lengths, batch_shape, minimum=0, maximum=2**62).to(z0.device)
     if ((length % block_size != 0) & (length < L)).any():
         raise ValueError("lengths must end on a block boundary (or reach the end of z0)")
     noisy = (position >= prefix[..., None]) & (position < length[..., None])  # [..., L]
@@ -211,11 +334,21 @@ def block_causal_log_prob(
         count = _per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
         return torch.maximum((sq / count).sqrt().max(), logdet_ratio.abs().max())
 
-    z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
-    prior = _per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
-    per_probe = prior + delta  # [n, ..., n_blocks]
+    def solve(method, rtol, atol, steps):
+        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
+        prior = _per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
+        return z1, prior, delta, nfe  # per probe: prior + delta, [n, ..., n_blocks]
+
+    z1, prior, delta, nfe = solve(method, rtol, atol, steps)
+    per_probe = prior + delta
     settings = _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, block_size=block_size)
     block_logp = per_probe.mean(0)
+    block_error, error, error_nfe = None, None, 0
+    if solver_error:
+        _, prior_2, delta_2, error_nfe = solve(**companion_settings(method, rtol, atol, steps))
+        block_error = solver_error_bound(prior, delta, prior_2 + delta_2, method, z0.dtype)
+        error = solver_error_bound(prior.sum(-1), delta.sum(-1), (prior_2 + delta_2).sum(-1), method, z0.dtype)
+        settings["solver_error"] = describe_solver_error(method)
     return BlockLogProb(
         logp=block_logp.sum(-1),
         block_logp=block_logp,
@@ -227,6 +360,9 @@ def block_causal_log_prob(
         settings=settings,
         probe_logp=per_probe.sum(-1) if trace == "hutchinson" else None,
         probe_block_logp=per_probe if trace == "hutchinson" else None,
+        logp_error=error,
+        block_logp_error=block_error,
+        error_nfe=error_nfe,
     )
 
 
@@ -252,6 +388,11 @@ def sample(
     Cola generation (without guidance); ``method="dopri5"`` for an adaptive solve.
     Returns [..., L, d] in the dtype of ``clean``.
     """
+    _checks.floating_tensor("clean", clean, min_dims=2)
+    block_size = _checks.integer("block_size", block_size, minimum=1)
+    check_solver(method, rtol, atol, steps, steps_with_adaptive=True)
+    if noise is not None and tuple(noise.shape) != tuple(clean.shape):
+        raise ValueError(f"noise must have the shape of clean, {tuple(clean.shape)}, got {tuple(noise.shape)}")
     *batch_shape, L, d = clean.shape
     if noise is None:
         generator = torch.Generator().manual_seed(seed)
@@ -352,15 +493,27 @@ def _solve(dynamics, state0, method, rtol, atol, steps, error_norm, reverse: boo
     """The state at the far end of ``[0, 1]`` (of ``[1, 0]`` when ``reverse``)."""
     device = state0[0].device if isinstance(state0, tuple) else state0.device
     if method in FIXED_GRID_METHODS:
-        if steps is None:
-            raise ValueError(f"method {method!r} needs steps")
         grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
     else:
         grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
     if reverse:
         grid = grid.flip(0)
     # A per-sample (per-block) error norm: one hard sample is not diluted by an easy batch.
-    solution = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, method=method, options={"norm": error_norm})
+    options = {"norm": error_norm}
+    if method not in FIXED_GRID_METHODS:
+        # End a step exactly at the far end: otherwise torchdiffeq steps past it and returns
+        # its interpolant there, whose error the tolerance does not control (dopri8 at 1e-8
+        # was 1e-4 off on a linear flow).
+        options["step_t"] = grid[-1:]
+    try:
+        solution = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, method=method, options=options)
+    except AssertionError as error:
+        if "underflow in dt" not in str(error):
+            raise
+        raise SolverFailure(
+            f"the {method} solver's step size underflowed before t reached the end (rtol {rtol:g}, atol {atol:g}): the "
+            "velocity's float32 rounding cannot meet these tolerances; loosen them (1e-8 or more) or use a fixed grid."
+        ) from None
     return tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
 
 

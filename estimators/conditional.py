@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics, streams, units
+from colaprob.estimators import _checks, _importance, statistics, streams, units
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
@@ -67,8 +67,9 @@ def conditional(
     ``direct_log_likelihood`` / ``_se``, ``log_weight_direct``, ``khat_direct``,
     ``direct_applies``.
     """
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
     keys = streams.sequence_keys(batch, sequence_ids)
-    prefix = torch.as_tensor(prefix_tokens, dtype=torch.long).expand(len(batch))
+    prefix = _checks.integer_tensor("prefix_tokens", prefix_tokens, (len(batch),), minimum=0, maximum=batch.ids.shape[1]).long()
     if ((prefix < 0) | (prefix > batch.lengths)).any():
         raise ValueError("prefix_tokens must lie between 0 and each sequence's length")
     options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
@@ -85,6 +86,12 @@ def conditional(
     ds["log_likelihood"] = ds["log_joint"] - ds["log_prefix"]
     ds["log_likelihood_se"] = statistics.paired_log_mean_exp_se(ds["log_weight"], ds["log_weight_prefix"])
     ds["independent_se"] = np.sqrt(ds["log_joint_se"] ** 2 + ds["log_prefix_se"] ** 2)
+    if "prior_solver_error" in ds:
+        ds["prior_prefix_solver_error"] = (("sequence", "sample"), s["prior_prefix_solver_error"].numpy())
+        ds["log_joint_solver_error"] = statistics.solver_error(ds["log_weight"], ds["prior_solver_error"], weighted=True)
+        ds["log_prefix_solver_error"] = statistics.solver_error(ds["log_weight_prefix"], ds["prior_prefix_solver_error"], weighted=True)
+        # The two solver errors need not cancel: the difference's is at most their sum.
+        ds["log_likelihood_solver_error"] = ds["log_joint_solver_error"] + ds["log_prefix_solver_error"]
     ds["variance_reduction"] = (ds["independent_se"] / ds["log_likelihood_se"]) ** 2
     if direct:
         ds = ds.merge(_direct(model, batch, keys, prefix, n_samples, options, ds.sizes["sample"]))
@@ -103,11 +110,14 @@ def _direct(model, batch, keys, prefix, n_samples, options, width) -> xr.Dataset
     applies = prefix % model.patch_size == 0
     rows = torch.nonzero(applies)[:, 0]
     log_weight = torch.full((len(batch), width), math.nan, dtype=torch.float64)
+    error = torch.full((len(batch), width), math.nan, dtype=torch.float64)
     if len(rows):
         draws = _importance.draw(model, batch.select(rows), n_samples, keys=keys[rows], pinned=prefix[rows] // model.patch_size, **options)
         log_weight[rows, :n_samples] = draws.log_weight
+        if "prior_solver_error" in draws.per_sample:
+            error[rows, :n_samples] = draws.per_sample["prior_solver_error"]
     weights = xr.DataArray(log_weight.numpy(), dims=("sequence", "sample"), coords={"sequence": keys.numpy()})
-    return xr.Dataset(
+    ds = xr.Dataset(
         {
             "log_weight_direct": weights,
             "direct_log_likelihood": statistics.log_mean_exp(weights),
@@ -116,3 +126,7 @@ def _direct(model, batch, keys, prefix, n_samples, options, width) -> xr.Dataset
             "direct_applies": ("sequence", applies.numpy()),
         }
     )
+    if options.get("solver_error", False):
+        errors = xr.DataArray(error.numpy(), dims=("sequence", "sample"), coords={"sequence": keys.numpy()})
+        ds["direct_log_likelihood_solver_error"] = statistics.solver_error(weights, errors, weighted=True)
+    return ds

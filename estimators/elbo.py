@@ -24,8 +24,10 @@ def elbo(
     """The ELBO of every sequence, averaged over ``n_samples`` posterior draws.
 
     ``cnf_options`` go to ``cnf.block_causal_log_prob`` (``method``, ``rtol``, ``atol``,
-    ``steps``, ``n_probes``, ``probe``, ``vjp_chunk``). ``sequence_ids`` ([B] non-negative
-    integers, default the row index) key each sequence's random stream.
+    ``steps``, ``n_probes``, ``probe``, ``vjp_chunk``, ``solver_error``: True to estimate the
+    prior's solver error by a finer companion solve, which costs 1.3 to 2.9 times the solve
+    itself, see BENCHMARKS.md; ``colaprob score`` always does). ``sequence_ids`` ([B] non-negative integers, default
+    the row index) key each sequence's random stream.
 
     Returns an ``xarray.Dataset`` over ``sequence`` (coordinate: the keys), ``sample``,
     ``token`` and ``block``: ``log_likelihood`` (the ELBO, nats) and ``log_likelihood_se``
@@ -33,8 +35,13 @@ def elbo(
     ``log_weight`` = ``decoder_log_prob`` + ``prior_log_prob`` - ``posterior_log_prob``, the
     sample means ``token_decoder_log_prob`` and ``block_prior_log_prob`` (NaN where not
     counted), and the proposal's importance diagnostics ``ess``, ``khat``,
-    ``khat_threshold``; ``attrs``: estimator, trace, solver, tolerances, K, seed, nfe.
+    ``khat_threshold``, ``khat_computable``; with the solver error ``log_likelihood_solver_error``
+    (nats, apart from the Monte Carlo ``log_likelihood_se``), per sample
+    ``prior_solver_error`` and per block ``block_prior_solver_error``; ``attrs``: estimator,
+    trace, solver, tolerances, K, seed, nfe (of the solves; ``solver_error_nfe`` of the
+    estimate).
     """
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
     keys = streams.sequence_keys(batch, sequence_ids)
     draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, trace=trace, **cnf_options)
     mean = lambda log_weight: log_weight.mean("sample")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics, streams
+from colaprob.estimators import _checks, _importance, statistics, streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 
@@ -25,14 +25,19 @@ def iwae(
 ) -> xr.Dataset:
     """IWAE-K of every sequence, with its delta-method SE, ESS and Pareto k-hat.
 
-    ``max_samples``: while a sequence's k-hat is at or above ``khat_threshold(K)``, double its
-    K (the new draws continue its random stream) up to this cap. Other arguments as
-    ``colaprob.estimators.elbo.elbo``.
+    ``max_samples``: while a sequence's k-hat is at or above ``khat_threshold(K)`` or not
+    computable (``K < statistics.KHAT_MIN_SAMPLES``), double its K (the new draws continue its
+    random stream) up to this cap. Other arguments as ``colaprob.estimators.elbo.elbo``.
 
     Returns the dataset of ``elbo`` with ``log_likelihood`` the IWAE-K estimate,
-    ``log_likelihood_se`` = ``sd(w) / (sqrt(K) mean(w))``, ``reliable`` (k-hat below the
-    threshold) and ``n_samples`` per sequence (NaN log-weights beyond it).
+    ``log_likelihood_se`` = ``sd(w) / (sqrt(K) mean(w))``, ``reliable`` (k-hat computed and
+    below the threshold; read it together with ``khat_computable``: a row whose k-hat is not
+    computable is neither reliable nor unreliable) and ``n_samples`` per sequence (NaN
+    log-weights beyond it).
     """
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    if max_samples is not None and _checks.integer("max_samples", max_samples, minimum=1) < n_samples:
+        raise ValueError(f"max_samples ({max_samples}) must be at least n_samples ({n_samples})")
     keys = streams.sequence_keys(batch, sequence_ids)
     options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
     draws = _importance.draw(model, batch, n_samples, keys=keys, **options)
@@ -48,7 +53,7 @@ def iwae(
             more = _importance.draw(model, batch.select(rows), K, keys=keys[rows], start=K, **options)
             draws = draws.extend(rows, more)
     estimator = f"IWAE-{int(draws.n_samples.max())} (lower bound in expectation)"
-    ds = _importance.summarise(model, batch, keys, draws, statistics.log_mean_exp, statistics.log_mean_exp_se, estimator, seed, chunk_size)
+    ds = _importance.summarise(model, batch, keys, draws, statistics.log_mean_exp, statistics.log_mean_exp_se, estimator, seed, chunk_size, weighted=True)
     ds["reliable"] = ds["khat"] < ds["khat_threshold"]
     return ds
 

@@ -16,7 +16,10 @@ For weights ``w_k = exp(lw_k)``, ``k = 1..K`` (all computed relative to ``max lw
   largest weights in excess of the next largest, fitted by the Zhang & Stephens (2009)
   empirical-Bayes estimator with the weakly informative prior of PSIS (shrinking k towards
   0.5 with the weight of 10 observations). ``k`` is reliable when below
-  ``khat_threshold(K) = min(1 - 1 / log10(K), 0.7)``.
+  ``khat_threshold(K) = min(1 - 1 / log10(K), 0.7)``. The fit needs a tail of at least 5
+  weights, so k-hat is not computable below ``KHAT_MIN_SAMPLES = 21`` samples
+  (``khat_computable``): there k-hat and its threshold are NaN, which is no verdict either
+  way (at K = 8 the formula's threshold would even be negative).
 """
 
 from __future__ import annotations
@@ -27,14 +30,28 @@ import numpy as np
 import xarray as xr
 
 
+# The smallest K whose PSIS tail, ceil(min(0.2 K, 3 sqrt K)) weights, holds the 5 a fit needs.
+KHAT_MIN_SAMPLES = 21
+
+
+def khat_computable(n_samples):
+    """Whether a k-hat exists at ``n_samples`` draws (``K >= KHAT_MIN_SAMPLES``). Same type
+    as ``n_samples`` (DataArray, array, number)."""
+    if isinstance(n_samples, xr.DataArray):
+        return xr.apply_ufunc(khat_computable, n_samples)
+    computable = np.asarray(n_samples) >= KHAT_MIN_SAMPLES
+    return bool(computable) if computable.ndim == 0 else computable
+
+
 def khat_threshold(n_samples):
-    """``min(1 - 1 / log10(K), 0.7)``: k-hat below it means the estimate can be trusted
-    (``-inf`` for ``K <= 1``: never). Same type as ``n_samples`` (DataArray, array, number)."""
+    """``min(1 - 1 / log10(K), 0.7)``: k-hat below it means the estimate can be trusted;
+    NaN where k-hat is not computable (``K < KHAT_MIN_SAMPLES``). Same type as ``n_samples``
+    (DataArray, array, number)."""
     if isinstance(n_samples, xr.DataArray):
         return xr.apply_ufunc(khat_threshold, n_samples)
     K = np.asarray(n_samples, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        threshold = np.where(K > 1, np.minimum(1 - 1 / np.log10(np.maximum(K, 1)), 0.7), -np.inf)
+    computable = K >= KHAT_MIN_SAMPLES
+    threshold = np.where(computable, np.minimum(1 - 1 / np.log10(np.where(computable, K, 10.0)), 0.7), np.nan)
     return float(threshold) if threshold.ndim == 0 else threshold
 
 
@@ -66,6 +83,26 @@ def paired_log_mean_exp_se(log_weights_a: xr.DataArray, log_weights_b: xr.DataAr
     return xr.apply_ufunc(
         _paired_log_mean_exp_se, log_weights_a.astype(np.float64), log_weights_b.astype(np.float64), input_core_dims=[[dim], [dim]], vectorize=True
     )
+
+
+def solver_error(log_weights: xr.DataArray, errors: xr.DataArray, *, weighted: bool, dim: str = "sample") -> xr.DataArray:
+    """The solver error of an average of log-weights whose samples carry solver errors
+    ``e_k`` (nats, ``cnf`` estimates): ``mean_k e_k`` for the plain average (the ELBO);
+    ``sum_k w_k e_k / sum_k w_k`` for ``log_mean_exp`` (``weighted``): to first order an error
+    ``d_k`` in ``lw_k`` moves ``log mean exp(lw)`` by the weight-averaged ``d_k``. Kept apart
+    from the Monte Carlo standard error: the two are different things and both are reported."""
+    fn = _weighted_error if weighted else (lambda lw, e: _mean(e[~np.isnan(lw)]))
+    return xr.apply_ufunc(fn, log_weights.astype(np.float64), errors.astype(np.float64), input_core_dims=[[dim], [dim]], vectorize=True)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def _weighted_error(log_weights: np.ndarray, errors: np.ndarray) -> float:
+    present = ~np.isnan(log_weights)
+    w = _relative_weights(log_weights)
+    return float(np.sum(w * errors[present]) / w.sum()) if len(w) else math.nan
 
 
 def count(values: xr.DataArray, dim: str = "sample") -> xr.DataArray:

@@ -70,3 +70,8 @@ def test_install_footprint_bench_measures_this_environment():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| this |" in out.stdout and "site-packages MB" in out.stdout, out.stdout
+
+
+def test_solver_error_bench_reports_coverage_against_the_references():
+    out = run_bench("solver_error.py")
+    assert "bounds (seq)" in out and "Analytic harness" in out and "Embedded DiT" in out

@@ -41,8 +41,14 @@ def test_khat_edge_cases():
 def test_khat_threshold():
     assert statistics.khat_threshold(100) == pytest.approx(0.5)
     assert statistics.khat_threshold(10**6) == pytest.approx(0.7)
-    assert statistics.khat_threshold(10) == pytest.approx(0.0)
-    assert statistics.khat_threshold(1) == -math.inf
+    # Below 21 draws the PSIS tail holds fewer than 5 weights: no k-hat, so no threshold either
+    # (the formula would give 0 at K = 10 and -inf at K = 1, verdicts with nothing behind them).
+    assert math.isnan(statistics.khat_threshold(10)) and math.isnan(statistics.khat_threshold(1))
+    assert statistics.khat_threshold(21) == pytest.approx(1 - 1 / math.log10(21))
+    assert not statistics.khat_computable(20) and statistics.khat_computable(21)
+    heavy = np.random.default_rng(2).pareto(1.0, size=(1, 21))
+    assert np.isnan(statistics.pareto_khat(_rows(np.log(heavy[:, :20])))).all()
+    assert np.isfinite(statistics.pareto_khat(_rows(np.log(heavy)))).all()
     n = xr.DataArray([100, 1000], dims="sequence")
     assert np.allclose(statistics.khat_threshold(n), [0.5, 2 / 3])
 

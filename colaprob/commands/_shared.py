@@ -19,16 +19,18 @@ import numpy as np
 
 from colaprob import windows
 from colaprob.errors import ColaprobError
+from colaprob.estimators import cnf
 from colaprob.windows import Row
 
-FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
+# Every method of the solver registry (colaprob.estimators.cnf): adaptive ones first.
+FIXED_GRID_METHODS = tuple(sorted(cnf.FIXED_GRID_METHODS))
+ODE_METHODS = (*cnf.ADAPTIVE_METHODS, *FIXED_GRID_METHODS)
 TOLERANCE_FLOOR = 1e-7
 SEED_LIMIT = 2**63
 MAX_SAMPLES = 2**20
 """-K, posterior samples: a million already takes days on the embedded model."""
 MAX_THREADS_PER_CORE = 4
 MAX_STEPS = 100_000
-ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", *FIXED_GRID_METHODS)
 
 # ---------------------------------------------------------------------------------------------
 # Option types: a bad value is an argparse error (one line, exit status 2).
@@ -156,7 +158,9 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-5) -> None:
+def add_cnf_options(
+    parser: argparse.ArgumentParser, *, default_trace: str = "exact", default_tolerance: float = 1e-7, target_error: bool = False
+) -> None:
     group = parser.add_argument_group("prior density (CNF)")
     group.add_argument(
         "--trace",
@@ -171,10 +175,19 @@ def add_cnf_options(parser: argparse.ArgumentParser, *, default_trace: str = "ex
         "--method",
         choices=ODE_METHODS,
         default="dopri5",
-        help="ODE solver: adaptive (dopri5, bosh3, ...; --rtol/--atol) or a fixed grid (euler, midpoint, rk4; "
-        "needs --steps) (default: dopri5)",
+        help="ODE solver: adaptive (dopri5, bosh3, ...; --rtol/--atol) or a fixed grid (euler, midpoint, rk4, "
+        "fixed_adams, ...; needs --steps) (default: dopri5)",
     )
     group.add_argument("--steps", type=positive_int, default=None, help="steps of a fixed-grid method")
+    if target_error:
+        group.add_argument(
+            "--target-error",
+            type=tolerance,
+            default=None,
+            metavar="NATS",
+            help="tighten the solver (tolerances / 10, or twice the steps) until every document's estimated solver error "
+            "is below NATS; the settings reached are recorded per document (default: the given settings)",
+        )
 
 
 def cnf_options(args: argparse.Namespace) -> dict:
@@ -184,6 +197,12 @@ def cnf_options(args: argparse.Namespace) -> dict:
         raise ColaprobError(
             f"--method {args.method} needs --steps." if fixed else f"--steps is for fixed-grid methods, not for --method {args.method}."
         )
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if not fixed and value < cnf.TOLERANCE_FLOOR:
+            raise ColaprobError(
+                f"--{name} {value:g} is below {cnf.TOLERANCE_FLOOR:g}, where the solver's steps underflow before t = 1; give {cnf.TOLERANCE_FLOOR:g} or more."
+            )
     options = {"method": args.method, "steps": args.steps} if fixed else {"method": args.method, "rtol": args.rtol, "atol": args.atol}
     if args.trace == "hutchinson":
         options["n_probes"] = args.probes

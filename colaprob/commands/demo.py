@@ -30,6 +30,7 @@ from pathlib import Path
 from colaprob import distributed, results, runner
 from colaprob.commands import _shared, score
 from colaprob.errors import ColaprobError
+from colaprob.estimators.statistics import KHAT_MIN_SAMPLES
 
 HELP = "the tour on the embedded model: score held-out text (ELBO, IWAE), diagnose, write a report folder"
 
@@ -44,7 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequences", type=_shared.positive_int, default=4, help="held-out documents to score (default: 4)")
     parser.add_argument("--max-bytes", type=_shared.positive_int, default=63, help="longest held-out piece in UTF-8 bytes (default: 63)")
     parser.add_argument("--elbo-samples", type=_shared.positive_int, default=2, help="posterior samples of the exact-trace ELBO (default: 2)")
-    parser.add_argument("-K", "--samples", type=_shared.positive_int, default=8, help="posterior samples for IWAE, the decomposition and the probes (default: 8)")
+    parser.add_argument(
+        "-K",
+        "--samples",
+        type=_shared.positive_int,
+        default=32,
+        help=f"posterior samples of the IWAE row; its k-hat needs at least {KHAT_MIN_SAMPLES} (default: 32)",
+    )
+    parser.add_argument(
+        "--diagnostic-samples", type=_shared.positive_int, default=8, help="posterior samples for the decomposition and the probes (default: 8)"
+    )
     parser.add_argument("--prior-samples", type=_shared.positive_int, default=8, help="prior draws per block for the probes (default: 8)")
     parser.add_argument("--batch-size", type=_shared.positive_int, default=4, help="documents per scoring batch (default: 4)")
     parser.add_argument("--cloze-items", type=_shared.positive_int, default=8, help="items of the held-out cloze task (default: 8)")
@@ -65,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.output_dir
         model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
         corpus = heldout_subset(args.sequences, args.max_bytes)
-        settings = {**identity, "sequences": args.sequences, "max_bytes": args.max_bytes, "K": args.samples, "elbo_K": args.elbo_samples,
+        settings = {**identity, "sequences": args.sequences, "max_bytes": args.max_bytes, "K": args.samples, "elbo_K": args.elbo_samples, "diagnostic_K": args.diagnostic_samples,
                     "n_prior": args.prior_samples, "batch_size": args.batch_size, "cloze_items": args.cloze_items, "cloze_K": args.cloze_samples, "trace": args.trace,
                     **cnf_options, "seed": args.seed, "device_type": ctx.device.type}
         if ctx.is_main:
@@ -202,8 +212,8 @@ def diagnose(model, args, out: Path, texts: list[str], cnf_options: dict) -> dic
         return {name: results.read_dataset(folder / f"{name}.nc") for name in names}
     batch = model.frame(texts)
     options = {
-        "decomposition": {"n_samples": args.samples, "trace": args.trace, "cnf_options": cnf_options},
-        "probes": {"n_posterior": args.samples, "n_prior": args.prior_samples, "trace": args.trace, "cnf_options": cnf_options},
+        "decomposition": {"n_samples": args.diagnostic_samples, "trace": args.trace, "cnf_options": cnf_options},
+        "probes": {"n_posterior": args.diagnostic_samples, "n_prior": args.prior_samples, "trace": args.trace, "cnf_options": cnf_options},
         "density_slice": {"trace": args.trace, "cnf_options": cnf_options},
     }
     tokenizer = model.tokenizer
@@ -220,11 +230,13 @@ def headline_rows(scores: dict) -> list[dict]:
 
 
 COLUMNS = [("estimator", "estimator"), ("nats_per_token", "nats/token"), ("bits_per_byte", "bits/byte"),
-           ("token_perplexity", "token ppl"), ("reliable_fraction", "k-hat reliable")]
+           ("token_perplexity", "token ppl"), ("solver_error", "solver error nats/token"), ("reliable_fraction", "k-hat reliable")]
 
 
 def _table_rows(headline: list[dict]) -> list[dict]:
-    return [{**row, **{k: _shared.plus_minus(row[k], row[f"{k}_se"]) for k in ("nats_per_token", "bits_per_byte", "token_perplexity")}}
+    return [{**row, **{k: _shared.plus_minus(row[k], row[f"{k}_se"]) for k in ("nats_per_token", "bits_per_byte", "token_perplexity")},
+             **({"reliable_fraction": score.khat_cell(row)} if "reliable_fraction" in row else {}),
+             **({"solver_error": f"{row['nats_per_token_solver_error']:.1e}"} if "nats_per_token_solver_error" in row else {})}
             for row in headline]
 
 
@@ -277,7 +289,8 @@ def readme(headline: list[dict], diagnostics: dict, cloze, args) -> str:
         + head + body +
         "\nELBO is a lower bound; IWAE-K a lower bound in expectation; with the Hutchinson trace the IWAE is "
         "biased (the log-determinant is unbiased, its exponential inside the log-sum-exp is not). Values are "
-        "mean ± standard error; `k-hat reliable` is the share of documents whose Pareto k-hat is below the threshold.\n\n"
+        "mean ± Monte Carlo standard error; `solver error` is the estimated error of the prior's ODE solve, a separate figure; `k-hat reliable` is the share of documents whose Pareto k-hat is below the threshold "
+        f"(not computable, n/a, below K = {KHAT_MIN_SAMPLES}).\n\n"
         f"Where the bound goes: distortion {dec['distortion_nats_per_token']:.4f} and rate "
         f"{dec['rate_nats_per_token']:.4f} nats/token; I_q(X;Z) = {dec['mutual_information']:.3f} ± "
         f"{dec['mutual_information_se']:.3f} and KL(q_bar || p_psi) = {dec['marginal_kl']:.3f} ± {dec['marginal_kl_se']:.3f} "

@@ -31,6 +31,7 @@ import xarray as xr
 from colaprob import distributed, results, runner, windows
 from colaprob.commands import _shared
 from colaprob.errors import ColaprobError
+from colaprob.estimators.statistics import KHAT_MIN_SAMPLES, khat_computable
 
 HELP = "score documents: ELBO, IWAE or prompt-response log-likelihood, nats/token, bits/byte, perplexity (NetCDF)"
 
@@ -59,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("-K", "--samples", type=_shared.positive_int, default=16, help="posterior samples per document (default: 16)")
     group.add_argument(
+        "--max-samples",
+        type=_shared.positive_int,
+        default=None,
+        help="iwae: double a document's K (continuing its random stream) while its k-hat is not computable "
+        f"(K < {KHAT_MIN_SAMPLES}) or above the threshold, up to this many samples (default: no doubling)",
+    )
+    group.add_argument(
         "--chunk-size",
         type=_shared.positive_int,
         default=32,
@@ -71,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pairs: skip the direct estimate log p(response | prompt latents) that conditional adds (halves the cost)",
     )
-    _shared.add_cnf_options(parser)
+    _shared.add_cnf_options(parser, target_error=True)
     _shared.add_output_options(parser, "scores.nc")
 
 
@@ -94,6 +102,7 @@ def prepare(args, ctx) -> "Job":
     cnf_options = _shared.cnf_options(args)
     documents = _shared.read_inputs(args.inputs, per_line=args.per_line, jsonl=args.jsonl)
     estimator = choose_estimator("rolling" if args.rolling else args.estimator, [doc for doc, _ in documents], args)
+    check_max_samples(args, estimator)
     model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
     if estimator == "rolling":
         rows = windows.cut_rows(model, documents, None)
@@ -124,6 +133,15 @@ def choose_estimator(asked: str | None, documents, args=None) -> str:
     return asked
 
 
+def check_max_samples(args, estimator: str) -> None:
+    if args.max_samples is None:
+        return
+    if estimator != "iwae":
+        raise ColaprobError(f"--max-samples doubles K of --estimator iwae only, not of {estimator}; drop it or use --estimator iwae.")
+    if args.max_samples < args.samples:
+        raise ColaprobError(f"--max-samples {args.max_samples} is below -K {args.samples}; give a cap of at least -K.")
+
+
 class Job:
     """Everything ``runner.run`` needs: the rows, the model and the settings."""
 
@@ -138,9 +156,11 @@ class Job:
             "estimator_name": estimator,
             "direct": estimator == "conditional" and not args.no_direct,
             "K": args.samples,
+            "max_samples": args.max_samples,
             "chunk_size": args.chunk_size,
             "trace": args.trace,
             **cnf_options,
+            "target_error": args.target_error,
             "seed": args.seed,
             "device_type": ctx.device.type,
             "max_tokens": model.framing.max_tokens,
@@ -149,10 +169,28 @@ class Job:
         self.plan = runner.Plan(settings, n_items=len(rows), batch_size=args.batch_size)
 
     def score_batch(self, items: range) -> xr.Dataset:
+        """The batch's estimate; with ``--target-error``, re-solved with tighter settings
+        until every row's solver error is below the target (or the tolerance floor is hit)."""
+        options = dict(self.cnf_options)
+        while True:
+            ds = self.estimate(items, options)
+            error = ds["log_likelihood_solver_error"].values
+            target = self.args.target_error
+            if target is None or not (error > target).any() or tighter(options) is None:
+                break
+            options = tighter(options)
+        ds["solver_setting"] = ("sequence", np.full(ds.sizes["sequence"], solver_label(options)))
+        if target is not None:
+            ds["solver_error_target_met"] = ("sequence", ~(ds["log_likelihood_solver_error"].values > target))
+        return ds
+
+    def estimate(self, items: range, cnf_options: dict) -> xr.Dataset:
         from colaprob import estimators
 
         chosen = [self.rows[i] for i in items]
-        options = dict(seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
+        options = dict(
+            seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, solver_error=True, **cnf_options
+        )
         if self.estimator == "conditional":
             documents = [row.document for row in chosen]
             batch, prefix_tokens, response = self.model.frame_pairs([d.prompt for d in documents], [d.text for d in documents])
@@ -167,8 +205,28 @@ class Job:
             ds = ds.drop_vars(["window_text"])  # the windows are the text's own partition; kept out of the result file
         else:
             batch = self.model.frame([row.document.text for row in chosen])
+            if self.estimator == "iwae":
+                options["max_samples"] = self.args.max_samples
             ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
         return with_identity(ds, chosen)
+
+
+def tighter(options: dict) -> dict | None:
+    """The next solver settings toward ``--target-error``: tolerances / 10 (None below the
+    floor where the solver's steps underflow), or twice the steps of a fixed grid (None past
+    4096 steps)."""
+    from colaprob.estimators import cnf
+
+    if "steps" in options:
+        return {**options, "steps": 2 * options["steps"]} if options["steps"] < 4096 else None
+    rtol, atol = options["rtol"] / 10, options["atol"] / 10
+    return {**options, "rtol": rtol, "atol": atol} if min(rtol, atol) >= cnf.TOLERANCE_FLOOR else None
+
+
+def solver_label(options: dict) -> str:
+    if "steps" in options:
+        return f"{options['method']} steps {options['steps']}"
+    return f"{options['method']} rtol {options['rtol']:g} atol {options['atol']:g}"
 
 
 def with_identity(ds: xr.Dataset, chosen: list[_shared.Row]) -> xr.Dataset:
@@ -201,11 +259,18 @@ def summary(ds: xr.Dataset, output) -> dict:
         "log_likelihood": float(ds["log_likelihood"].sum()),
         "log_likelihood_se": float(np.sqrt((ds["log_likelihood_se"] ** 2).sum())),
     }
+    if "log_likelihood_solver_error" in ds:
+        # Solver errors are systematic, not independent: they add, unlike standard errors.
+        row["log_likelihood_solver_error"] = float(ds["log_likelihood_solver_error"].sum())
+        row["nats_per_token_solver_error"] = row["log_likelihood_solver_error"] / max(row["tokens"], 1)
     for name in UNITS:
         row[name] = float(ds[f"corpus_{name}"])
         row[f"{name}_se"] = float(ds[f"corpus_{name}_se"])
     if "reliable" in ds:
-        row["reliable_fraction"] = float(ds["reliable"].mean())
+        # Rows whose k-hat is not computable (K < 21) are no verdict: left out of the share.
+        computable = np.asarray(khat_computable(ds["n_samples"].values))
+        row["khat_not_computable"] = int((~computable).sum())
+        row["reliable_fraction"] = float(ds["reliable"].values[computable].mean()) if computable.any() else None
     if "direct_log_likelihood" in ds:
         applies = ds["direct_applies"].values.astype(bool)
         row["direct_nats_per_token"] = -float(ds["direct_log_likelihood"].values[applies].sum()) / max(int(ds["n_tokens"].values[applies].sum()), 1)
@@ -220,6 +285,15 @@ def short_name(ds: xr.Dataset) -> str:
     return names[ds.attrs["estimator_name"]]
 
 
+def khat_cell(row: dict) -> str:
+    """The share of reliable rows, ``n/a (K < 21)`` when no row's k-hat is computable, and the
+    count of rows left out when only some are."""
+    if row["reliable_fraction"] is None:
+        return f"n/a (K < {KHAT_MIN_SAMPLES})"
+    share = f"{row['reliable_fraction']:.4f}"
+    return share if not row["khat_not_computable"] else f"{share} ({row['khat_not_computable']} n/a)"
+
+
 def report(ds: xr.Dataset, args) -> None:
     _shared.refuse_non_finite(ds, args.output)
     row = summary(ds, args.output)
@@ -229,9 +303,14 @@ def report(ds: xr.Dataset, args) -> None:
     table = {"estimator": short_name(ds), "sequences": row["sequences"], "tokens": row["tokens"]}
     table.update({name: _shared.plus_minus(row[name], row[f"{name}_se"]) for name in UNITS})
     columns = [(key, key.replace("_", " ")) for key in table]
-    for extra, heading in (("reliable_fraction", "k-hat reliable"), ("direct_nats_per_token", "direct nats/token")):
-        if extra in row:
-            table[extra] = row[extra]
-            columns.append((extra, heading))
+    if "nats_per_token_solver_error" in row:
+        table["solver_error"] = f"{row['nats_per_token_solver_error']:.1e}"
+        columns.append(("solver_error", "solver error nats/token"))
+    if "reliable_fraction" in row:
+        table["reliable_fraction"] = khat_cell(row)
+        columns.append(("reliable_fraction", "k-hat reliable"))
+    if "direct_nats_per_token" in row:
+        table["direct_nats_per_token"] = row["direct_nats_per_token"]
+        columns.append(("direct_nats_per_token", "direct nats/token"))
     _shared.print_table([table], columns)
     print(f"results: {args.output}")

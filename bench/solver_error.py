@@ -1,0 +1,126 @@
+"""Solver error in nats against cost, and how well the reported estimate covers it.
+
+For each solver choice (dopri5 at several tolerances, rk4 on fixed grids) one block-causal
+solve (``cnf.block_causal_log_prob(..., solver_error=True)``) of
+
+* the analytic harness: a ``colaprob.testing.BlockMixturePrior`` (exact block densities
+  known), float32 latents drawn from it, exact trace;
+* the embedded DiT (``colaprob.load("tiny")``): posterior means of held-out texts, one fixed
+  Rademacher probe (Hutchinson; the exact trace is 64 times the work per step, ``--exact``),
+  against a float64 copy of the model solved by dopri5 at rtol = atol = 1e-10 on the same
+  probe: the ODE's own answer, so the difference is the solver error alone.
+
+Reported per choice: velocity evaluations of the solve and of its error estimate, the largest
+true error per sequence and per block (nats), the share of sequences and of blocks whose
+reported error bounds the true one, and the share where it is within 10 times of it (true
+errors below 1e-6 nats, at float32 rounding, count as met).
+
+    python bench/solver_error.py
+    python bench/solver_error.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+
+import common
+import torch
+
+from colaprob.estimators import cnf
+
+FLOOR = 1e-6  # nats: float32 rounding of the embedded model's densities
+
+
+def choices(quick: bool) -> list[dict]:
+    if quick:
+        return [dict(rtol=1e-3, atol=1e-3), dict(method="rk4", steps=4)]
+    return [
+        *(dict(rtol=t, atol=t) for t in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)),
+        *(dict(method="rk4", steps=n) for n in (8, 16, 32, 64)),
+    ]
+
+
+def label(choice: dict) -> str:
+    return f"rk4, {choice['steps']} steps" if "steps" in choice else f"dopri5 {choice['rtol']:g}"
+
+
+def measure(velocity, u, bs, lengths, reference, trace, probes, choice) -> list:
+    start = time.process_time()
+    r = cnf.block_causal_log_prob(velocity, u, bs, trace, lengths=lengths, probes=probes, solver_error=True, **choice)
+    seconds = time.process_time() - start
+    integrated = r.integrated
+    true_seq = (r.logp - reference.logp).abs()
+    true_block = (r.block_logp - reference.block_logp).abs()[integrated]
+    est_seq, est_block = r.logp_error, r.block_logp_error[integrated]
+    covers = lambda est, true: float((est >= true).double().mean())
+    within = lambda est, true: float(((est <= 10 * true) | (true < FLOOR) & (est <= 10 * FLOOR)).double().mean())
+    return [
+        label(choice), r.nfe, r.error_nfe, f"{seconds:.1f}",
+        f"{float(true_seq.max()):.2e}", f"{float(est_seq.max()):.2e}", f"{float(true_block.max()):.2e}",
+        f"{covers(est_seq, true_seq):.2f}", f"{covers(est_block, true_block):.2f}",
+        f"{within(est_seq, true_seq):.2f}", f"{within(est_block, true_block):.2f}",
+    ]
+
+
+COLUMNS = ["solver", "nfe", "estimate nfe", "CPU s", "max true error/seq", "max reported/seq", "max true error/block",
+           "bounds (seq)", "bounds (block)", "within 10x (seq)", "within 10x (block)"]
+
+
+def analytic(args) -> None:
+    prior = common.block_mixture(block_size=2, latent_dim=2, seed=3)
+    n_blocks = 2 if args.quick else 6
+    u = common.mixture_samples(prior, 2 * n_blocks, 4 if args.quick else 16, seed=1).float()
+    exact = prior.block_log_prob(u.double())  # [B, n_blocks]
+    reference = cnf.BlockLogProb(logp=exact.sum(-1), block_logp=exact, integrated=torch.ones_like(exact, dtype=torch.bool),
+                                 prior_logp=exact.sum(-1), delta_logp=exact.sum(-1), z1=u.double(), nfe=0, settings={})
+    print(f"## Analytic harness: BlockMixturePrior (block 2, d 2), {u.shape[0]} sequences of {n_blocks} blocks, float32 latents, exact trace")
+    print()
+    rows = [measure(prior.velocity, u, 2, None, reference, "exact", None, c) for c in choices(args.quick)]
+    common.table(COLUMNS, rows)
+
+
+def embedded(args) -> None:
+    import colaprob
+
+    model, name = common.cola_model("random" if args.quick else "tiny")
+    n_blocks, batch = (1, 2) if args.quick else (args.blocks, args.sequences)
+    u = common.prior_latents(model, name, n_blocks * model.block_size, batch)
+    trace = "exact" if args.exact else "hutchinson"
+    probes = None if args.exact else (torch.randint(0, 2, (1, *u.shape), generator=torch.Generator().manual_seed(0)) * 2 - 1).float()
+    if args.quick:
+        double = model
+        double.double()
+        ref_tol = 1e-4
+    else:
+        double, ref_tol = colaprob.load("tiny").eval().double(), 1e-10
+    start = time.process_time()
+    reference = cnf.block_causal_log_prob(
+        double.prior_velocity, u.double(), model.block_size, trace, probes=None if probes is None else probes.double(), rtol=ref_tol, atol=ref_tol
+    )
+    ref_seconds = time.process_time() - start
+    if args.quick:
+        model.float()
+    print(f"## Embedded DiT: {name}, {batch} held-out posterior means of {n_blocks} blocks, {trace} trace")
+    print()
+    print(f"Reference: float64 copy, dopri5 at rtol = atol = {ref_tol:g}: {reference.nfe} evaluations, {ref_seconds:.0f} s CPU.")
+    print()
+    rows = [measure(model.prior_velocity, u, model.block_size, None, reference, trace, probes, c) for c in choices(args.quick)]
+    common.table(COLUMNS, rows)
+
+
+def main(argv=None) -> None:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=4, help="blocks per sequence of the embedded model (default 4)")
+    p.add_argument("--sequences", type=int, default=4, help="held-out sequences of the embedded model (default 4)")
+    p.add_argument("--exact", action="store_true", help="the exact trace on the embedded model (64 VJPs per step)")
+    p.add_argument("--skip-embedded", action="store_true", help="the analytic harness only")
+    args = p.parse_args(argv)
+    common.start(args, "Solver error in nats against cost")
+    analytic(args)
+    if not args.skip_embedded:
+        embedded(args)
+    common.finish()
+
+
+if __name__ == "__main__":
+    main()

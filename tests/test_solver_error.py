@@ -1,0 +1,72 @@
+"""The reported solver error against the true one: the analytic harness (exact block
+densities of ``colaprob.testing.BlockMixturePrior``) and the estimators on the quadrature
+model, where a much finer solve is the reference."""
+
+import numpy as np
+import torch
+
+from colaprob.estimators import cnf, elbo, iwae
+from colaprob.testing import BlockMixturePrior, CategoricalDecoder, QuadratureModel, make_batch
+
+FLOOR = 1e-6  # nats: float32 rounding, where "within 10x" is met by anything below 10x it
+
+
+def _prior(seed=3, bs=2, d=2, K=3) -> BlockMixturePrior:
+    g = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
+    return BlockMixturePrior(
+        torch.randn(K, generator=g, dtype=torch.float64), u(-1, 1, K, bs, d) / 2, u(-2, 2, K, bs, d), u(-1, 1, K, bs, d), u(-1.2, 0.4, K, bs, d)
+    )
+
+
+def _draws(prior, n_blocks, batch, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.zeros(batch, n_blocks * prior.block_size, prior.latent_dim, dtype=torch.float64)
+    for start in range(0, u.shape[1], prior.block_size):
+        u[:, start : start + prior.block_size] = prior.sample(u, g)[:, start : start + prior.block_size]
+    return u.float()
+
+
+def test_reported_error_bounds_the_true_error_within_ten_times_on_the_analytic_harness():
+    prior = _prior()
+    u = _draws(prior, n_blocks=4, batch=12)
+    exact = prior.block_log_prob(u.double())
+    bounds, within = [], []
+    for options in (dict(rtol=1e-3, atol=1e-3), dict(rtol=1e-5, atol=1e-5), dict(method="rk4", steps=8), dict(method="rk4", steps=32)):
+        r = cnf.block_causal_log_prob(prior.velocity, u, 2, solver_error=True, **options)
+        assert r.error_nfe > r.nfe and r.settings["solver_error"].startswith("2 x")
+        for reported, true in ((r.logp_error, (r.logp - exact.sum(-1)).abs()), (r.block_logp_error.flatten(), (r.block_logp - exact).abs().flatten())):
+            bounds.append((reported >= true).double())
+            within.append(((reported <= 10 * true) | ((true < FLOOR) & (reported <= 10 * FLOOR))).double())
+        # The error it reports is not the tolerance: it moves with the solver's accuracy.
+        assert float(r.logp_error.max()) > 0
+    assert float(torch.cat(bounds).mean()) >= 0.95 and float(torch.cat(within).mean()) >= 0.95
+
+
+def test_a_coarse_solve_reports_more_error_than_a_fine_one():
+    prior = _prior()
+    u = _draws(prior, n_blocks=3, batch=4)
+    coarse = cnf.block_causal_log_prob(prior.velocity, u, 2, method="rk4", steps=4, solver_error=True)
+    fine = cnf.block_causal_log_prob(prior.velocity, u, 2, method="rk4", steps=64, solver_error=True)
+    assert (coarse.logp_error > 10 * fine.logp_error).all()
+    assert cnf.block_causal_log_prob(prior.velocity, u, 2, method="rk4", steps=4).logp_error is None
+
+
+def _quadrature_model() -> QuadratureModel:
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    prior = BlockMixturePrior(r(3), r(3, 1, 1), r(3, 1, 1), 0.5 * r(3, 1, 1), 0.2 * r(3, 1, 1))
+    return QuadratureModel(prior, CategoricalDecoder(r(2, 3, 1), r(2, 3)), 2, 2.0, 0.5, posterior_widening=1.1)
+
+
+def test_estimators_propagate_the_solver_error_to_the_log_likelihood():
+    model = _quadrature_model()
+    batch = make_batch([torch.tensor([0, 1, 2, 1]), torch.tensor([2, 2]), torch.tensor([1, 0, 0, 2])])
+    for estimate in (elbo, iwae):
+        coarse = estimate(model, batch, 32, method="rk4", steps=3, solver_error=True)
+        reference = estimate(model, batch, 32, method="rk4", steps=96)  # the same draws, solved finely
+        true = np.abs(coarse.log_likelihood.values - reference.log_likelihood.values)
+        reported = coarse.log_likelihood_solver_error.values
+        assert (reported >= true).all() and (reported <= 10 * true + 10 * FLOOR).all(), (reported, true)
+        assert coarse.block_prior_solver_error.dims == ("sequence", "block") and coarse.attrs["solver_error_nfe"] > 0
+        assert "log_likelihood_solver_error" not in reference
