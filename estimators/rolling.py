@@ -32,6 +32,7 @@ import numpy as np
 import xarray as xr
 
 from colaprob import windows as windowing
+from colaprob.estimators import statistics
 from colaprob.estimators.continuations import ContinuationBatch, continuation_log_prob, score_continuations
 
 ESTIMATOR = "rolling chain log p(w_1) + sum_j log p(w_j | w_(j-1)) of continuation scores (IWAE-{K} differences on common draws; consistent, not a bound)"
@@ -151,6 +152,8 @@ def _chain_dataset(ds: xr.Dataset, n_windows: list[int], keys: np.ndarray, n_sam
     out["n_tokens"] = out["window_n_tokens"].sum("window")
     out["khat_max"] = out["window_khat"].max("window", skipna=True)
     out["khat_threshold"] = ds["khat_threshold"]
+    out["n_samples"] = ("sequence", np.full(D, n_samples))
+    out["khat_computable"] = ("sequence", np.full(D, statistics.khat_computable(n_samples)))
     out["reliable"] = out["khat_max"] < out["khat_threshold"]
     settings = {k: v for k, v in ds.attrs.items() if k not in ("estimator",)}
     out.attrs.update({**settings, "estimator": ESTIMATOR.format(K=n_samples), "windows": windowing.CHAIN_NOTE})

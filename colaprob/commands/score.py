@@ -79,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pairs: skip the direct estimate log p(response | prompt latents) that conditional adds (halves the cost)",
     )
+    group.add_argument(
+        "--no-solver-error",
+        action="store_true",
+        help="skip the second, finer ODE solve that estimates each number's solver error in nats (it costs 1.3-3x "
+        "the solve); the table then says the error was not estimated",
+    )
     _shared.add_cnf_options(parser, target_error=True)
     _shared.add_output_options(parser, "scores.nc")
 
@@ -134,6 +140,11 @@ def choose_estimator(asked: str | None, documents, args=None) -> str:
 
 
 def check_max_samples(args, estimator: str) -> None:
+    """Options that need a particular estimator: --max-samples (iwae), --target-error (an
+    estimated solver error)."""
+    if args.target_error is not None and not solver_error_estimated(args, estimator):
+        why = "--no-solver-error" if args.no_solver_error else "the rolling chain"
+        raise ColaprobError(f"--target-error needs the solver-error estimate, which {why} does not make; drop one of them.")
     if args.max_samples is None:
         return
     if estimator != "iwae":
@@ -161,6 +172,7 @@ class Job:
             "trace": args.trace,
             **cnf_options,
             "target_error": args.target_error,
+            "solver_error_estimated": solver_error_estimated(args, estimator),
             "seed": args.seed,
             "device_type": ctx.device.type,
             "max_tokens": model.framing.max_tokens,
@@ -174,8 +186,10 @@ class Job:
         options = dict(self.cnf_options)
         while True:
             ds = self.estimate(items, options)
-            error = ds["log_likelihood_solver_error"].values
             target = self.args.target_error
+            if "log_likelihood_solver_error" not in ds:
+                break
+            error = ds["log_likelihood_solver_error"].values
             if target is None or not (error > target).any() or tighter(options) is None:
                 break
             options = tighter(options)
@@ -189,8 +203,10 @@ class Job:
 
         chosen = [self.rows[i] for i in items]
         options = dict(
-            seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, solver_error=True, **cnf_options
+            seed=self.args.seed, sequence_ids=list(items), chunk_size=self.args.chunk_size, trace=self.args.trace, **cnf_options
         )
+        if solver_error_estimated(self.args, self.estimator):
+            options["solver_error"] = True
         if self.estimator == "conditional":
             documents = [row.document for row in chosen]
             batch, prefix_tokens, response = self.model.frame_pairs([d.prompt for d in documents], [d.text for d in documents])
@@ -209,6 +225,12 @@ class Job:
                 options["max_samples"] = self.args.max_samples
             ds = getattr(estimators, self.estimator)(self.model, batch, self.args.samples, **options)
         return with_identity(ds, chosen)
+
+
+def solver_error_estimated(args, estimator: str) -> bool:
+    """Whether the scores carry a solver-error estimate: unless ``--no-solver-error``, and not
+    for the rolling chain, whose continuation scores do not estimate it yet."""
+    return not args.no_solver_error and estimator != "rolling"
 
 
 def tighter(options: dict) -> dict | None:
@@ -303,9 +325,8 @@ def report(ds: xr.Dataset, args) -> None:
     table = {"estimator": short_name(ds), "sequences": row["sequences"], "tokens": row["tokens"]}
     table.update({name: _shared.plus_minus(row[name], row[f"{name}_se"]) for name in UNITS})
     columns = [(key, key.replace("_", " ")) for key in table]
-    if "nats_per_token_solver_error" in row:
-        table["solver_error"] = f"{row['nats_per_token_solver_error']:.1e}"
-        columns.append(("solver_error", "solver error nats/token"))
+    table["solver_error"] = f"{row['nats_per_token_solver_error']:.1e}" if "nats_per_token_solver_error" in row else "not estimated"
+    columns.append(("solver_error", "solver error nats/token"))
     if "reliable_fraction" in row:
         table["reliable_fraction"] = khat_cell(row)
         columns.append(("reliable_fraction", "k-hat reliable"))
