@@ -92,15 +92,15 @@ def test_cf_checker_passes_every_kind_of_file(written, tmp_path):
 def test_unknown_variables_get_an_honest_generic_description():
     ds = xr.Dataset(
         {
-            "log_likelihood_solver_error": ("sequence", np.zeros(2)),
+            "log_likelihood_flux_capacity": ("sequence", np.zeros(2)),
             "nats_per_token_se": ("sequence", np.zeros(2)),
             "corpus_bits_per_byte": 0.5,
             "choice_accuracy": (("item", "choice"), np.zeros((2, 3)), {"units": "1", "long_name": "mine"}),
         }
     )
     described = metadata.describe(ds)
-    unknown = described["log_likelihood_solver_error"].attrs
-    assert unknown["long_name"] == "log likelihood solver error" and "not described" in unknown["description"]
+    unknown = described["log_likelihood_flux_capacity"].attrs
+    assert unknown["long_name"] == "log likelihood flux capacity" and "not described" in unknown["description"]
     assert "units" not in unknown  # no guessed units
     assert described["nats_per_token_se"].attrs["units"] == "nat"
     assert described["nats_per_token_se"].attrs["long_name"].startswith("standard error of")
