@@ -252,11 +252,13 @@ def _fsync_folder(folder: Path) -> None:
 
 def _with_storable_strings(ds: xr.Dataset) -> xr.Dataset:
     """String variables made storable (see ``storable_text``); other variables untouched."""
-    fixed = {
-        name: var.copy(data=np.vectorize(storable_text, otypes=[object])(var.values))
-        for name, var in ds.variables.items()
-        if var.dtype.kind in "OU" and var.size
-    }
+    fixed = {}
+    for name, var in ds.variables.items():
+        if var.dtype.kind in "OU" and var.size:
+            fixed[name] = var.copy(data=np.vectorize(storable_text, otypes=[object])(var.values))
+            # A fixed-width dtype read from an earlier file would truncate longer strings
+            # (the merge of shards keeps the first shard's encoding).
+            fixed[name].encoding = {k: v for k, v in var.encoding.items() if k != "dtype"}
     return ds.assign(fixed) if fixed else ds
 
 

@@ -136,3 +136,15 @@ def test_killed_score_run_resumes_to_the_uninterrupted_result(tmp_path, fixture_
     xr.testing.assert_identical(resumed.drop_attrs(), whole.drop_attrs())
     assert resumed.attrs[runner.RUN_KEY] == whole.attrs[runner.RUN_KEY]
     assert [p.name for p in killed.parent.iterdir()] == ["scores.nc"]
+
+
+def test_merged_strings_keep_their_full_length(tmp_path):
+    """A shard read back holds its strings at a fixed width; the merge must not cut the
+    longer strings of later shards to the first one's width."""
+    paths = []
+    for i, text in enumerate(["ab", "abcdefghijklmnop qrstuv"]):
+        part = xr.Dataset({"text": ("sequence", np.array([text], dtype=object))}, coords={"sequence": [i]})
+        paths.append(results.write_dataset(part, tmp_path / f"part{i}.nc"))
+    merged = runner.concat_sequences([results.read_dataset(p) for p in paths])
+    back = results.read_dataset(results.write_dataset(merged, tmp_path / "merged.nc"))
+    assert list(back.text.values) == ["ab", "abcdefghijklmnop qrstuv"]
