@@ -105,3 +105,12 @@ def test_summary_means_and_standard_errors_over_items(evaluated):
     lam = table.sel(task="lambada")
     assert int(lam["items"]) == 2 and int(lam["acc_items"]) == 0 and np.isnan(float(lam["acc"]))
     assert float(lam["gen_acc"]) == 0.5 and np.isclose(float(lam["gen_acc_se"]), 0.5)  # one of two: sd 0.707 / sqrt 2
+
+
+def test_an_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, fixture_dirs):
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text(json.dumps({"id": 1, "prompt": "Q: 2+2?\nAnswer:", "ground_truth": "4", "choices": ["3", "4"]}) + "\n")
+    before = path.read_bytes()
+    done = run_cli("eval", path, "-o", path, "--overwrite", "--model", fixture_dirs[0], "--method", "rk4", "--steps", "2", "-K", "2")
+    assert done.code == 2 and "is the input file" in done.err and "Traceback" not in done.err
+    assert path.read_bytes() == before

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     ctx = distributed.from_environment(args.device)
     try:
-        job = prepare(args, ctx)
+        job = ctx.agree(lambda: prepare(args, ctx))
         merged = runner.run(job.plan, job.score_batch, args.output, finish=job.finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="items")
     finally:
         distributed.shutdown(ctx)
@@ -66,10 +66,11 @@ def prepare(args, ctx) -> "Job":
     if args.task is not None and len(args.inputs) > 1:
         raise ColaprobError(f"--task names one file's task, but {len(args.inputs)} files were given; run them separately or drop --task.")
     cnf_options = _shared.cnf_options(args)
+    _shared.check_output_is_not_an_input(args.output, args.inputs)
     task_list = [tasks.read_official(path, args.task) for path in args.inputs]
     if len({t.name for t in task_list}) < len(task_list):
         raise ColaprobError("two input files have the same task name; give each task once.")
-    model, identity = _shared.load_model(args.model, ctx.device)
+    model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
     items = [(task, item) for task in task_list for item in task.items]
     check_lengths(model, items)
     results.check_writable(args.output)
