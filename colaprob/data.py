@@ -155,7 +155,34 @@ def read_documents(path: str | Path, mode: str = "auto") -> list[Document]:
     lines = split_lines(text)
     if mode == "lines":
         return [Document(line) for line in lines if line.strip()]
-    return [_jsonl_document(line, path, number) for number, line in enumerate(lines, 1) if line.strip()]
+    return [_jsonl_document(record, f"line {number} of {path}") for number, record in _records(lines, path)]
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of a JSONL file, read as every input
+    is: a regular file of bounded size, UTF-8, lines broken at ``\n`` / ``\r\n`` only, JSON
+    with bounded integers and depth, every line an object."""
+    path = Path(path)
+    text = _read_utf8(path)
+    if not text.strip():
+        raise ColaprobError(f"{path} is empty or holds only blank lines; give it at least one record.")
+    return list(_records(split_lines(text), path))
+
+
+def _records(lines: list[str], path: Path):
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            yield number, _json_object(line, f"line {number} of {path}")
+
+
+def check_no_surrogate(value: str, key: str, where: str) -> None:
+    """Refuse a lone surrogate (half of a UTF-16 pair from a JSON escape) in a text field."""
+    surrogate = SURROGATE.search(value or "")
+    if surrogate:
+        raise ColaprobError(
+            f"{where}: \"{key}\" holds the lone surrogate \\u{ord(surrogate.group()):04x} at character {surrogate.start()}, "
+            "half of a UTF-16 pair and not a character; fix the escape in the file."
+        )
 
 
 def split_lines(text: str) -> list[str]:
@@ -231,16 +258,19 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _jsonl_document(line: str, path: Path, number: int) -> Document:
-    where = f"line {number} of {path}"
+def _json_object(line: str, where: str) -> dict:
     try:
         record = json.loads(line, parse_int=lambda digits: _bounded_int(digits, where), parse_constant=lambda name: _no_constant(name, where))
     except json.JSONDecodeError as err:
-        raise ColaprobError(f"{where} is not valid JSON ({err.msg} at column {err.colno}).") from None
+        raise ColaprobError(f"{where} is not a JSON object: not valid JSON ({err.msg} at column {err.colno}).") from None
     except RecursionError:
         raise ColaprobError(f"{where} nests arrays or objects deeper than the JSON reader allows; a record is one flat object.") from None
     if not isinstance(record, dict):
-        raise ColaprobError(f"{where} is not a JSON object; write {{\"text\": ...}} or {{\"prompt\": ..., \"ground_truth\": ...}}.")
+        raise ColaprobError(f"{where} is not a JSON object; each line must be one record, e.g. {{\"text\": ...}}.")
+    return record
+
+
+def _jsonl_document(record: dict, where: str) -> Document:
     response_key = next((key for key in RESPONSE_KEYS if key in record), None)
     if "prompt" in record:
         if response_key is None:
@@ -257,12 +287,7 @@ def _jsonl_document(line: str, path: Path, number: int) -> Document:
     if not text:
         raise ColaprobError(f"{where}: \"{response_key}\" is empty; every document needs some text.")
     for key, value in ((response_key, text), ("prompt", prompt)):
-        surrogate = SURROGATE.search(value or "")
-        if surrogate:
-            raise ColaprobError(
-                f"{where}: \"{key}\" holds the lone surrogate \\u{ord(surrogate.group()):04x} at character {surrogate.start()}, "
-                "half of a UTF-16 pair and not a character; fix the escape in the file."
-            )
+        check_no_surrogate(value, key, where)
     return Document(text, prompt)
 
 

@@ -27,7 +27,6 @@ normalised generation to equal the normalised answer.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import string
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from colaprob.data import check_no_surrogate, read_jsonl
 from colaprob.errors import ColaprobError
 
 FIELDS = ("id", "prompt", "ground_truth", "generate", "choices", "few_shot_prefix", "others")
@@ -86,22 +86,8 @@ def read_official(path: str | Path, task: str | None = None) -> Task:
     official script keys its rules on the file name)."""
     path = Path(path)
     name = task or path.stem
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ColaprobError(f"{path} does not exist; give an official-format JSONL file.") from None
-    except UnicodeDecodeError:
-        raise ColaprobError(f"{path} is not UTF-8 text; give an official-format JSONL file.") from None
     items, unused = [], {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            raise ColaprobError(f"{path} line {number} is not a JSON object; each line must be one official-format record.")
+    for number, record in read_jsonl(path):
         items.append(_item(record, path, number))
         for key in record:
             if key not in FIELDS or key == "others":
@@ -127,6 +113,7 @@ def _text(record: dict, key: str, path: Path, number: int, required: bool = True
     if not isinstance(value, str):
         need = "a string" if key in record else "present"
         raise ColaprobError(f"{path} line {number}: field {key!r} must be {need}; every record needs a string {key!r}.")
+    check_no_surrogate(value, key, f"line {number} of {path}")
     return value
 
 
@@ -140,6 +127,8 @@ def _item(record: dict, path: Path, number: int) -> TaskItem:
     if choice_texts is not None:
         if not isinstance(choice_texts, list) or not choice_texts or not all(isinstance(c, str) and c.strip() for c in choice_texts):
             raise ColaprobError(f"{path} line {number}: 'choices' must be a non-empty list of non-empty strings.")
+        for choice in choice_texts:
+            check_no_surrogate(choice, "choices", f"line {number} of {path}")
         gold = gold_choice(ground_truth, choice_texts)
         if gold is None:
             raise ColaprobError(f"{path} line {number}: ground_truth {ground_truth!r} is none of the choices (by text or letter).")

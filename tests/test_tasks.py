@@ -3,6 +3,7 @@ embedded cloze task. The records below are written here in the official format (
 content, a few lines per task)."""
 
 import json
+import os
 
 import pytest
 
@@ -151,3 +152,29 @@ def test_embedded_cloze_is_deterministic_and_fits_the_embedded_context():
         assert max(len((item.context + c).encode()) for c in item.choices) <= 60
         assert item.ground_truth not in item.context.split()[-1:]
     assert [i.gold for i in task.items] != [task.items[0].gold] * 8  # the answer's position varies
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("[" * 100000 + "]" * 100000 + "\n", "nests arrays or objects deeper"),
+        ('{"id": 1, "prompt": "a", "ground_truth": "' + "\\ud800" + '"}\n', "lone surrogate"),
+        ('{"id": ' + "9" * 5000 + ', "prompt": "a", "ground_truth": "b"}\n', "digits"),
+        ('{"prompt": "a\u2028b", "ground_truth": "c"}\n', None),  # U+2028 is inside a line, not a break
+    ],
+)
+def test_official_files_are_read_with_the_input_limits(tmp_path, content, fragment):
+    path = tmp_path / "lambada.jsonl"
+    path.write_text(content, encoding="utf-8")
+    if fragment is None:
+        assert [item.context for item in tasks.read_official(path).items] == ["a\u2028b"]
+        return
+    with pytest.raises(ColaprobError, match=fragment):
+        tasks.read_official(path)
+
+
+def test_an_official_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "mmlu.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(ColaprobError, match="not a regular file|FIFO"):
+        tasks.read_official(fifo)
