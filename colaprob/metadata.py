@@ -47,7 +47,7 @@ VARIABLES: dict[str, Meaning] = {
     "token": Meaning("token position", ONE, "position of the token in the framed sequence"),
     "block": Meaning("prior block index", ONE, "index b of the block of latent positions of the block-causal prior"),
     "document": Meaning("document index", ONE, "index of the input document this sequence comes from"),
-    "window": Meaning("window index", ONE, "index of the window within its document (0 unless the document was split)"),
+    "window": Meaning("window index", ONE, "index of the window within its document: of a split document (0 unless split), or j of the rolling chain"),
     "source": Meaning("input file name", None, "name of the input file the document was read from"),
     "text": Meaning("scored text", None, "the text that was scored (the response of a prompt-response pair)"),
     "prompt": Meaning("prompt text", None, "the prompt that conditions the response of a prompt-response pair"),
@@ -77,7 +77,7 @@ VARIABLES: dict[str, Meaning] = {
     # --- prefix-response scoring (score --estimator conditional)
     "log_weight_prefix": Meaning("log importance weight of the prefix", NAT, "the prefix's weight on the same draw z_k: its tokens and the prior blocks covering it"),
     "prefix_tokens": Meaning("prefix tokens", ONE, "number of framed tokens of the prompt (beginning-of-text token included)"),
-    "log_joint": Meaning("log-likelihood of prompt and response", NAT, "IWAE-K log p(x) of the whole text, a lower bound in expectation"),
+    "log_joint": Meaning("log-likelihood of the whole scored text", NAT, "IWAE-K log p of prompt and response (score), or of context and continuation marginal over later tokens (eval); a lower bound in expectation"),
     "log_prefix": Meaning("log-likelihood of the prompt", NAT, "IWAE-K log p(x_pre) on the same draws"),
     "khat_prefix": Meaning("Pareto k-hat of the prefix weights", ONE, "as khat, for log_weight_prefix"),
     "ess_prefix": Meaning("effective sample size of the prefix weights", ONE, "as ess, for log_weight_prefix"),
@@ -98,7 +98,6 @@ VARIABLES: dict[str, Meaning] = {
     "solver_setting": Meaning("solver settings used", None, "the ODE method and tolerances or steps the row was finally solved with (tighter than asked where --target-error needed it)"),
     "solver_error_target_met": Meaning("solver-error target met", None, "true where log_likelihood_solver_error is below --target-error"),
     # --- rolling log-likelihood (score --rolling): a document as a chain of windows
-    "window": Meaning("window index", ONE, "index j of the window of a document in the rolling chain"),
     "window_log_likelihood": Meaning("log-likelihood of a window given the one before", NAT, "log p(w_j | w_(j-1)) (log p(w_1) for the first), a continuation score on common random numbers; consistent, not a bound"),
     "window_n_tokens": Meaning("tokens of the window", ONE, "tokens of the window counted in its score"),
     "window_khat": Meaning("Pareto k-hat of the window's weights", ONE, "as khat, for the window's continuation score"),
@@ -109,7 +108,6 @@ VARIABLES: dict[str, Meaning] = {
     "item": Meaning("item index", ONE, "index of the task item (a context with its continuations)"),
     "choice": Meaning("choice index", ONE, "index of a continuation of an item"),
     "choice_valid": Meaning("choice exists", None, "true for the continuations an item has (the grid is padded to the most choices)"),
-    "log_joint": Meaning("log-likelihood of context and continuation", NAT, "IWAE-K log p(x_<n_c+n_y), marginal over later tokens; a lower bound in expectation"),
     "log_context": Meaning("log-likelihood of the context", NAT, "IWAE-K log p(x_<n_c) on the same draws as log_joint"),
     "khat_context": Meaning("Pareto k-hat of the context weights", ONE, "as khat, for the context's weights"),
     "context_tokens": Meaning("tokens of the context", ONE, "framed tokens of the context, beginning-of-text token included"),
