@@ -191,9 +191,7 @@ def cola_model(spec: str = "auto"):
         return model, f"{spec} (trained)" if spec == "tiny" else spec
     from colaprob.commands import train as train_command
 
-    p = argparse.ArgumentParser()
-    train_command.add_arguments(p)
-    model = train_command.build_model(p.parse_args(["--out", "unused"]))
+    model = train_command.build_model()  # the embedded model's network (colaprob.config.ByteNetwork)
     torch.manual_seed(0)
     for module in model.dit.modules():
         if isinstance(module, torch.nn.Linear):

@@ -27,6 +27,7 @@ F16 are read as float32. Nothing is ever unpickled: ``.bin`` / ``.pt`` files are
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import re
 import shutil
@@ -459,3 +460,29 @@ def describe(path_or_name: str | Path) -> str:
         lines.append(f"info: {json.dumps(r['info'])}")
     lines += [f"warning: {w}" for w in r["warnings"]] or ["no inconsistencies found"]
     return "\n".join(lines)
+
+
+def config_hash(model) -> str:
+    """A short hash of everything that configures the model: both network configurations,
+    the framing and the decoder's input space."""
+    config = {
+        "vae": model.vae_config.to_dict(),
+        "dit": model.dit_config.to_dict(),
+        "framing": model.framing.to_dict(),
+        "decoder_space": model.decoder_space,
+    }
+    return _short_hash(json.dumps(config, sort_keys=True).encode("utf-8"))
+
+
+def weights_hash(model) -> str:
+    """A short hash of every weight's bytes, so retrained weights under the same name and
+    configuration count as another model."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

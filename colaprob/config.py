@@ -193,3 +193,59 @@ class DiTConfig(_Config):
             raise ColaprobError(f"{source} sets emb_dim {self.emb_dim} different from txt_dim {self.txt_dim}, which the official DiT cannot run.")
         if self.rope_dim % 2 or not 0 <= self.rope_dim <= self.head_dim:
             raise ColaprobError(f"{source} sets rope_dim to {self.rope_dim}, but it must be even and at most head_dim {self.head_dim}.")
+
+
+def _size(help: str) -> dict:
+    return {"help": help}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ByteNetwork:
+    """The shape of the byte-level Cola model ``colaprob train`` builds; the defaults are the
+    embedded model's network (``colaprob/tiny/REPRODUCE.md``). ``configs(vocab_size)`` gives
+    the two official configurations."""
+
+    latent_dim: int = dataclasses.field(default=16, metadata=_size("latent channels d"))
+    patch_size: int = dataclasses.field(default=1, metadata=_size("tokens per latent position"))
+    vae_dim: int = dataclasses.field(default=128, metadata=_size("VAE width"))
+    vae_heads: int = dataclasses.field(default=4, metadata=_size("VAE attention heads"))
+    vae_ffn_dim: int = dataclasses.field(default=512, metadata=_size("VAE SwiGLU width (before halving)"))
+    vae_blocks: int = dataclasses.field(default=2, metadata=_size("transformer blocks of the encoder and of the decoder, each"))
+    vae_block_size: int = dataclasses.field(default=4, metadata=_size("VAE attention block, in latent positions"))
+    dit_width: int = dataclasses.field(default=128, metadata=_size("DiT width"))
+    dit_heads: int = dataclasses.field(default=2, metadata=_size("DiT attention heads"))
+    dit_head_dim: int = dataclasses.field(default=64, metadata=_size("DiT head width"))
+    dit_rope_dim: int = dataclasses.field(default=48, metadata=_size("rotated channels per DiT head"))
+    dit_layers: int = dataclasses.field(default=3, metadata=_size("DiT blocks"))
+    dit_expand: int = dataclasses.field(default=4, metadata=_size("DiT MLP width / DiT width"))
+    dit_block_size: int = dataclasses.field(default=4, metadata=_size("DiT (generation) block, in latent positions"))
+    max_tokens: int = dataclasses.field(default=64, metadata=_size("longest framed sequence, in tokens"))
+
+    def configs(self, vocab_size: int) -> tuple[VAEConfig, DiTConfig]:
+        """The VAE and DiT configurations of this shape, each validated."""
+        vae = VAEConfig(
+            vocab_size=vocab_size,
+            encoder_num_blocks=self.vae_blocks,
+            decoder_num_blocks=self.vae_blocks,
+            latent_dim=self.latent_dim,
+            patch_size=self.patch_size,
+            dim=self.vae_dim,
+            num_heads=self.vae_heads,
+            ffn_dim=self.vae_ffn_dim,
+            block_size=self.vae_block_size,
+        )
+        dit = DiTConfig(
+            txt_in_channels=self.latent_dim,
+            txt_out_channels=self.latent_dim,
+            txt_dim=self.dit_width,
+            emb_dim=self.dit_width,
+            heads=self.dit_heads,
+            head_dim=self.dit_head_dim,
+            rope_dim=self.dit_rope_dim,
+            num_layers=self.dit_layers,
+            expand_ratio=self.dit_expand,
+            block_size=self.dit_block_size,
+        )
+        vae.validate("the VAE options")
+        dit.validate("the DiT options")
+        return vae, dit

@@ -36,6 +36,7 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,3 +300,24 @@ def _bounded_int(digits: str, where: str) -> int:
 
 def _no_constant(name: str, where: str):
     raise ColaprobError(f"{where} holds {name}, which is not JSON; write a number or a string.")
+
+
+def read_inputs(paths: Sequence[Path], *, per_line: bool, jsonl: bool) -> list[tuple]:
+    """``(document, file name)`` for every document of every input file, in order
+    (``colaprob.data.read_documents``)."""
+    documents = []
+    for path in paths:
+        if jsonl or path.suffix.lower() == ".jsonl":
+            mode = "jsonl"
+        else:
+            mode = "lines" if per_line else "file"
+        documents += [(doc, path.name) for doc in read_documents(path, mode)]
+    return documents
+
+
+def fingerprint(documents: Sequence) -> str:
+    """A short hash of the documents' texts and prompts: a resumed run must score the same."""
+    digest = hashlib.sha256()
+    for doc in documents:
+        digest.update(json.dumps([doc.prompt, doc.text]).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:16]

@@ -30,40 +30,33 @@ Model arguments (``--model-args k=v,...``), one typed value, ``Settings``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from colaprob.estimators.cnf import Solver
 from colaprob.estimators.continuations import continuation_log_prob, move_trailing_space
 from colaprob.estimators.rolling import rolling_log_prob
 from colaprob.generate import Sampling, generate
-
-TRACES = ("exact", "hutchinson")
-FIXED_GRID_METHODS = ("euler", "midpoint", "rk4")
-
 
 @dataclass
 class Settings:
     """What the backend runs with. ``model``: a checkpoint folder or ``tiny``; ``device``:
     ``auto``, ``cpu`` or ``cuda``; ``samples``: K posterior draws per item; ``seed``;
-    ``chunk_size``: samples solved together; the prior's solver: ``trace``, ``probes``
-    (Hutchinson), ``method``, ``rtol`` / ``atol`` (adaptive) or ``steps`` (fixed grid);
-    ``greedy``: compute ``is_greedy`` by generation; generation: ``guidance`` (CFG scale),
-    ``gen_steps`` (Euler steps per block), ``max_gen_toks`` (when a request gives none)."""
+    ``chunk_size``: samples solved together; ``solver``: the prior's solver (``cnf.Solver``,
+    given as its fields: ``trace``, ``n_probes``, ``method``, ``rtol`` / ``atol`` (adaptive)
+    or ``steps`` (fixed grid), ...); ``greedy``: compute ``is_greedy`` by generation;
+    generation: ``guidance`` (CFG scale), ``gen_steps`` (Euler steps per block),
+    ``max_gen_toks`` (when a request gives none)."""
 
     model: str = "tiny"
     device: str = "auto"
     samples: int = 16
     seed: int = 0
     chunk_size: int = 32
-    trace: str = "exact"
-    probes: int = 1
-    method: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    steps: int | None = None
+    solver: Solver = field(default_factory=Solver)
     greedy: bool = True
     guidance: float = 7.0
     gen_steps: int = 16
@@ -71,40 +64,32 @@ class Settings:
 
     @classmethod
     def from_arguments(cls, arguments: dict) -> "Settings":
-        """Settings from the harness's parsed model arguments, each checked."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(arguments) - set(known))
+        """Settings from the harness's parsed model arguments, each checked; the solver's
+        fields are given flat, as the harness passes every argument."""
+        own = {f.name for f in fields(cls)} - {"solver"}
+        solver_fields = {f.name for f in fields(Solver)} - {"solver_error"}
+        unknown = sorted(set(arguments) - own - solver_fields)
         if unknown:
-            raise ValueError(f"unknown colaprob model argument(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        settings = cls(**arguments)
+            raise ValueError(f"unknown colaprob model argument(s) {', '.join(unknown)}; known: {', '.join(sorted(own | solver_fields))}")
+        solver = Solver(**{k: v for k, v in arguments.items() if k in solver_fields})
+        settings = cls(**{k: v for k, v in arguments.items() if k in own}, solver=solver)
         settings.validate()
         return settings
 
     def validate(self) -> None:
-        for name in ("samples", "chunk_size", "probes", "gen_steps", "max_gen_toks"):
+        for name in ("samples", "chunk_size", "gen_steps", "max_gen_toks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model argument {name} must be a positive integer, not {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"model argument seed must be a non-negative integer, not {self.seed!r}")
-        if self.trace not in TRACES:
-            raise ValueError(f"model argument trace must be one of {TRACES}, not {self.trace!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"model argument device must be auto, cpu or cuda, not {self.device!r}")
-        if (self.method in FIXED_GRID_METHODS) != (self.steps is not None):
-            raise ValueError(f"model argument method={self.method} {'needs' if self.steps is None else 'takes no'} steps")
         if not isinstance(self.greedy, bool):
             raise ValueError(f"model argument greedy must be true or false, not {self.greedy!r}")
 
-    def cnf_options(self) -> dict:
-        """The solver's keyword arguments, as the estimators take them."""
-        options = {"method": self.method, "steps": self.steps} if self.steps is not None else {"method": self.method, "rtol": self.rtol, "atol": self.atol}
-        if self.trace == "hutchinson":
-            options["n_probes"] = self.probes
-        return options
-
     def estimator_options(self) -> dict:
-        return dict(seed=self.seed, chunk_size=self.chunk_size, trace=self.trace, **self.cnf_options())
+        return dict(seed=self.seed, chunk_size=self.chunk_size, solver=self.solver)
 
 
 @register_model("colaprob")

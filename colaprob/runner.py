@@ -68,8 +68,9 @@ class Plan:
 
     @property
     def record(self) -> dict:
-        """The settings plus the batch layout: all a rerun must agree on to resume."""
-        return {**self.settings, "n_sequences": self.n_items, "batch_size": self.batch_size}
+        """The settings plus the shard layout: all a rerun must agree on to resume (named
+        apart from a command's own ``batch_size``, which may be its model calls' size)."""
+        return {**self.settings, "n_sequences": self.n_items, "shard_size": self.batch_size}
 
     @property
     def key(self) -> str:
@@ -233,9 +234,13 @@ def _claim_folder(output: Path, folder: Path, plan: Plan, overwrite: bool, held:
 
 
 def _attrs_of(path: Path) -> dict | None:
+    """The global attributes of a result file, read without its variables (opening it as a
+    dataset reads every variable's metadata: most of a resume check's time)."""
+    import h5netcdf
+
     try:
-        with xr.open_dataset(path, engine=results.ENGINE) as ds:
-            return dict(ds.attrs)
+        with h5netcdf.File(path, "r") as f:
+            return dict(f.attrs.items())
     except (OSError, ValueError):
         return None
 

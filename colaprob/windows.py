@@ -27,7 +27,7 @@ number of times, so a 1 MB line is cut in seconds (tests/test_windows.py measure
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -203,3 +203,50 @@ def _cut_word(start: int, end: int, starts: np.ndarray, count, measure, budget: 
         spans.append((a, stop))
         a = stop
     return spans
+
+
+def framed_length_fn(model) -> Callable[..., int]:
+    """``(text, prompt=None) -> framed length in tokens`` for ``model``: bos, the prompt's
+    tokens, the text's tokens, eos, padding to whole blocks (as ``model.frame`` counts). For a
+    text that cannot fit the context, a lower bound (still over the context) instead."""
+    framing = model.framing
+    multiple = model.patch_size * model.block_size
+    extra = (framing.bos_id is not None) + (framing.eos_id is not None)
+
+    def framed_length(text: str, prompt: str | None = None) -> int:
+        # A text surely over the context is not tokenized: its lower bound is over already.
+        n = model.tokenizer.fewest_tokens(text) + model.tokenizer.fewest_tokens(prompt or "") + extra
+        if framing.max_tokens is None or n <= framing.max_tokens:
+            n = len(model.tokenizer.encode(text)) + len(model.tokenizer.encode(prompt or "")) + extra
+        return n + (-n % multiple)
+
+    return framed_length
+
+
+def check_lengths(documents: Sequence, framed_length: Callable[..., int], max_tokens: int | None) -> None:
+    """Refuse, before any work, the first document (prompt included) whose framed length
+    exceeds ``max_tokens``."""
+    if max_tokens is None:
+        return
+    for i, doc in enumerate(documents):
+        n = framed_length(doc.text, doc.prompt)
+        if n > max_tokens:
+            advice = "shorten the pair" if doc.prompt is not None else "shorten it or pass --split to score it in windows"
+            raise ColaprobError(f"document {i} is at least {n} tokens long once framed, more than the model's limit of {max_tokens}; {advice}.")
+
+
+
+def rows_to_score(model, documents, split: bool) -> list[Row]:
+    """The sequences to score: every ``(document, source)``, and with ``split`` the windows
+    of texts that exceed the model's ``max_tokens``, each scored as an independent document
+    (``cut_rows``). Without ``split``, or for a prompt-response pair, a text too
+    long is refused before any work."""
+    rows = cut_rows(model, documents, "independent" if split else None)
+    check_lengths([row.document for row in rows], framed_length_fn(model), model.framing.max_tokens)
+    return rows
+
+
+
+def windows_note(rows: Sequence[Row]) -> str:
+    """The attribute that says whether (and how) long documents were windowed."""
+    return INDEPENDENT_NOTE if any(row.window > 0 for row in rows) else "none"

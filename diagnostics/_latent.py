@@ -1,5 +1,6 @@
-"""Shared bookkeeping of the diagnostics: which tokens, latent positions and prior blocks of a
-batch count, and the block-causal prior's conditional densities on the posterior's space.
+"""What the diagnostics share: chunks with progress bars, the posterior streams' draws,
+gold-token decoding, and the block-causal prior's conditional densities on the posterior's
+space (which tokens, positions and blocks count: ``colaprob.estimators.layout``).
 
 Shapes as in ``colaprob.protocol``: ``B`` sequences, ``N`` tokens, ``L = N / P`` latent
 positions, ``d`` channels, ``n_blocks = L / block_size`` prior blocks; ``...`` leading sample
@@ -8,7 +9,6 @@ dimensions.
 
 from __future__ import annotations
 
-import json
 
 import torch
 from torch import Tensor
@@ -34,50 +34,6 @@ def standard_normal(model: LatentModel, batch: TokenBatch, n: int, seed: int, st
     draws = streams.draws(seed, stream, streams.sequence_keys(batch), range(n), positions, model.latent_dim)
     width = batch.ids.shape[-1] // model.patch_size
     return torch.nn.functional.pad(draws, (0, 0, 0, width - draws.shape[-2]))
-
-
-def solver_settings(options: dict | None) -> str:
-    """Solver options as stored in a result's attributes: JSON text, ``{}`` for the defaults
-    of ``colaprob.estimators.cnf``."""
-    return json.dumps(options or {}, sort_keys=True, default=str)
-
-
-def tokens_per_block(model: LatentModel) -> int:
-    """Tokens described by one prior block: ``patch_size * block_size``."""
-    return model.patch_size * model.block_size
-
-
-def token_mask(batch: TokenBatch) -> Tensor:
-    """[B, N] bool: the positions ``< lengths`` that count (see ``TokenBatch``)."""
-    n = batch.ids.shape[-1]
-    return torch.arange(n) < batch.lengths[:, None]
-
-
-def block_counts(model: LatentModel, batch: TokenBatch) -> Tensor:
-    """[B] long: prior blocks per sequence. ``lengths`` includes the padding to whole blocks,
-    so this is an exact division for framed batches (rounded up otherwise)."""
-    per = tokens_per_block(model)
-    return (batch.lengths + per - 1) // per
-
-
-def latent_lengths(model: LatentModel, batch: TokenBatch) -> Tensor:
-    """[B] long: latent positions per sequence, whole prior blocks."""
-    return block_counts(model, batch) * model.block_size
-
-
-def block_mask(model: LatentModel, batch: TokenBatch, n_blocks: int) -> Tensor:
-    """[B, n_blocks] bool: the prior blocks that belong to each sequence."""
-    return torch.arange(n_blocks) < block_counts(model, batch)[:, None]
-
-
-def block_of_token(model: LatentModel, n_tokens: int) -> Tensor:
-    """[N] long: the prior block each token position belongs to."""
-    return torch.arange(n_tokens) // tokens_per_block(model)
-
-
-def sum_per_block(x: Tensor, size: int) -> Tensor:
-    """Sum the last axis in consecutive groups: [..., n_blocks * size] -> [..., n_blocks]."""
-    return x.reshape(*x.shape[:-1], -1, size).sum(-1)
 
 
 def decode_gold(model: LatentModel, z: Tensor, batch: TokenBatch) -> tuple[Tensor, Tensor]:
@@ -112,9 +68,8 @@ def prior_block_log_prob(
     *,
     history: Tensor | None = None,
     lengths: Tensor | None = None,
-    trace: str = "exact",
     seed: int = 0,
-    cnf_options: dict | None = None,
+    solver: cnf.Solver,
 ) -> Tensor:
     """``log p_psi(z^(b) | z^(<b))`` per prior block on the posterior's space, float64.
 
@@ -124,33 +79,31 @@ def prior_block_log_prob(
     the sum over blocks the joint ``log p_psi(z)``. ``lengths``: [B] latent positions per
     sequence (whole blocks); blocks beyond are not integrated and report 0. Each block's
     density on ``u`` is moved to ``z`` by its share ``block_size * d * log|scale|`` of the
-    latent Jacobian. ``cnf_options``: solver settings for ``cnf.block_causal_log_prob``.
+    latent Jacobian. ``solver``: how the CNF is solved (``cnf.Solver``).
 
     Returns [..., B, n_blocks].
     """
     u = to_prior_space(model, z)
     velocity = model.prior_velocity if history is None else with_history(model, to_prior_space(model, history), u.shape)
     length = None if lengths is None else lengths.expand(u.shape[:-2])
-    r = cnf.block_causal_log_prob(
-        velocity, u, model.block_size, trace=trace, seed=seed, lengths=length, **(cnf_options or {})
-    )
+    r = cnf.block_causal_log_prob(velocity, u, model.block_size, seed=seed, lengths=length, solver=solver)
     return torch.where(r.integrated, r.block_logp.double() + latent_log_jacobian(model, model.block_size), 0.0)
 
 
 def prior_samples(
-    model: LatentModel, history: Tensor, noise: Tensor | int, *, seed: int = 0, sample_options: dict | None = None
+    model: LatentModel, history: Tensor, noise: Tensor | int, *, seed: int = 0, sampler: cnf.Solver = cnf.SAMPLER
 ) -> Tensor:
     """Teacher-forced prior draws of every block, ``z^(b) ~ p_psi(. | history^(<b))``.
 
     ``history``: [B, L, d] posterior-space latents (the gold posterior means). ``noise``: the
     standard-normal starting points [n, B, L, d], or a count ``n`` to draw them from ``seed``.
-    Returns [n, B, L, d] in the posterior's space, from ``cnf.sample`` (``sample_options``:
-    its solver settings; default 16 Euler steps as in Cola generation).
+    Returns [n, B, L, d] in the posterior's space, from ``cnf.sample`` (``sampler``:
+    its solver; default 16 Euler steps as in Cola generation).
     """
     n = noise if isinstance(noise, int) else noise.shape[0]
     u = to_prior_space(model, history).expand(n, *history.shape)
     start = None if isinstance(noise, int) else noise
-    draws = cnf.sample(model.prior_velocity, u, model.block_size, noise=start, seed=seed, **(sample_options or {}))
+    draws = cnf.sample(model.prior_velocity, u, model.block_size, noise=start, seed=seed, solver=sampler)
     return from_prior_space(model, draws)
 
 
@@ -161,7 +114,7 @@ def generated_latents(
     *,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    sample_options: dict | None = None,
+    sampler: cnf.Solver = cnf.SAMPLER,
 ) -> Tensor:
     """``n`` latent sequences generated freely by the prior, block after block, each block
     drawn given the blocks generated before it. Returns [n, n_positions, d] of ``dtype`` (the
@@ -174,6 +127,6 @@ def generated_latents(
     u = torch.zeros(n, n_positions, model.latent_dim, dtype=dtype)
     for b in range(-(-n_positions // bs)):
         end = min((b + 1) * bs, n_positions)
-        draw = cnf.sample(model.prior_velocity, u[:, :end], bs, seed=seed + b, **(sample_options or {}))
+        draw = cnf.sample(model.prior_velocity, u[:, :end], bs, seed=seed + b, solver=sampler)
         u[:, b * bs : end] = draw[:, b * bs : end]
     return from_prior_space(model, u)

@@ -45,16 +45,12 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.diagnostics._latent import (
-    block_counts,
-    block_mask,
     chunks,
-    latent_lengths,
     prior_block_log_prob,
-    solver_settings,
     standard_normal,
-    sum_per_block,
-    token_mask,
 )
+from colaprob.estimators import cnf
+from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import LatentModel, TokenBatch
 
 ACTIVE_THRESHOLD = 0.01
@@ -67,11 +63,11 @@ def decompose(
     n_samples: int = 8,
     window_blocks: int | None = None,
     batch_size: int = 16,
-    trace: str = "exact",
     seed: int = 0,
-    cnf_options: dict | None = None,
+    solver: cnf.Solver | None = None,
     active_threshold: float = ACTIVE_THRESHOLD,
     progress: bool = True,
+    **solver_keywords,
 ) -> xr.Dataset:
     """The ELBO decomposition of ``batch`` (see the module docstring), in nats.
 
@@ -79,8 +75,9 @@ def decompose(
     blocks on which ``q_bar`` lives (default: the fewest blocks of any sequence);
     ``batch_size``: sequences per model call (each sequence's draws come from its own random
     stream -- the same as ``colaprob.estimators.elbo`` with this ``seed`` -- so the result does
-    not depend on it beyond the solver's shared step sizes); ``trace``, ``cnf_options``: passed to
-    ``cnf.block_causal_log_prob``; ``progress``: a progress bar over the batches.
+    not depend on it beyond the solver's shared step sizes); ``solver``: how the prior's CNF is
+    solved (``cnf.Solver``, or its fields as keywords, as in ``colaprob.estimators.elbo``);
+    ``progress``: a progress bar over the batches.
 
     Returns an ``xarray.Dataset`` with, over ``sequence``: ``distortion``, ``rate``,
     ``elbo``, ``n_tokens``, ``n_blocks``, ``window_rate``, ``mi_term``, ``marginal_kl_term``;
@@ -90,10 +87,11 @@ def decompose(
     ``mutual_information_nested``, ``marginal_kl_nested``, ``log_n_nested``; over
     ``channel``: ``posterior_mean_variance``, ``active``; and ``n_active``.
     """
+    solver = cnf.Solver.build(solver, **solver_keywords)
     n_seq = len(batch)
     if n_seq < 2:
         raise ValueError("the aggregate posterior needs at least 2 sequences")
-    blocks = block_counts(model, batch)
+    blocks = LatentLayout.of(model, batch).blocks()
     w = int(blocks.min()) if window_blocks is None else int(window_blocks)
     if not 1 <= w <= int(blocks.min()):
         raise ValueError(f"window_blocks must be in [1, {int(blocks.min())}] (the shortest sequence), got {w}")
@@ -107,12 +105,11 @@ def decompose(
             q = model.posterior(sub)
             z = q.sample(eps[:, rows, : q.mean.shape[-2]].to(q.mean.dtype))
             log_px = model.decoder_log_prob(z, sub).double()
-        lq_blk = sum_per_block(q.log_prob(z), model.block_size)
-        lp_blk = prior_block_log_prob(
-            model, z, lengths=latent_lengths(model, sub), trace=trace, seed=seed, cnf_options=cnf_options
-        )
-        valid = block_mask(model, sub, lq_blk.shape[-1])
-        distortion.append(-(log_px * token_mask(sub)).sum(-1))
+        layout = LatentLayout.of(model, sub)
+        lq_blk = layout.per_block(q.log_prob(z))
+        lp_blk = prior_block_log_prob(model, z, lengths=layout.blocks() * model.block_size, seed=seed, solver=solver)
+        valid = layout.block_mask()
+        distortion.append(-(log_px * layout.token_mask()).sum(-1))
         rate.append(((lq_blk - lp_blk) * valid).sum(-1))
         lq_w.append(lq_blk[..., :w].sum(-1))
         lp_w.append(lp_blk[..., :w].sum(-1))
@@ -165,7 +162,7 @@ def decompose(
         units="nats",
         estimator=(
             f"Monte Carlo over {n_samples} posterior samples per sequence; log p_psi by the block-causal "
-            f"CNF (trace={trace}) plus the latent Jacobian; the same samples in every term"
+            f"CNF (trace={solver.trace}) plus the latent Jacobian; the same samples in every term"
         ),
         aggregate_posterior=(
             f"uniform mixture of the {n_seq} posteriors on the first {w} prior blocks ({w_pos} latent positions)"
@@ -174,8 +171,7 @@ def decompose(
         window_positions=w_pos,
         n_sequences=n_seq,
         n_samples=n_samples,
-        trace=trace,
-        cnf_options=solver_settings(cnf_options),
+        **solver.to_attrs(),
         seed=seed,
         mutual_information_note=(
             f"estimate <= log N = {math.log(n_seq):.4f} nats (MI of the empirical data distribution); "

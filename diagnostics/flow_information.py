@@ -23,7 +23,8 @@ import torch
 import xarray as xr
 from colaprob.progress import bar
 
-from colaprob.diagnostics._latent import chunks, decode_gold, standard_normal, token_mask
+from colaprob.diagnostics._latent import chunks, decode_gold, standard_normal
+from colaprob.estimators.layout import LatentLayout
 from colaprob.estimators import streams
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, to_prior_space
 
@@ -61,12 +62,12 @@ def information_curve(
     hits = np.zeros(len(t_grid))
     nll = np.zeros(len(t_grid))
     hits_mean = nll_mean = 0.0
-    n_valid = int(token_mask(batch).sum())
+    n_valid = int(LatentLayout.of(model, batch).token_mask().sum())
     with torch.no_grad():
         for rows in chunks(n_seq, batch_size, "information curve (sequences)", progress):
             sub = batch.select(rows)
             mean = model.posterior(sub).mean
-            valid = token_mask(sub)
+            valid = LatentLayout.of(model, sub).token_mask()
             u0 = to_prior_space(model, mean)
             noise = eps[:, rows, : mean.shape[-2]].to(mean.dtype)
             clean = u0.expand(noise.shape)

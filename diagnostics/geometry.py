@@ -22,13 +22,13 @@ import torch
 import xarray as xr
 
 from colaprob.diagnostics._latent import (
-    block_mask,
     decode_gold,
     generated_latents,
     prior_block_log_prob,
     prior_samples,
-    solver_settings,
 )
+from colaprob.estimators import cnf
+from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import LatentModel, TokenBatch, from_prior_space, to_prior_space
 
 KINDS = ("posterior_mean", "prior_sample", "generated")
@@ -45,7 +45,7 @@ def embedding(
     methods: tuple[str, ...] = ("pca",),
     umap_options: dict | None = None,
     seed: int = 0,
-    sample_options: dict | None = None,
+    sampler: cnf.Solver = cnf.SAMPLER,
 ) -> xr.Dataset:
     """2-D maps of posterior means, teacher-forced prior samples and generated latents.
 
@@ -53,7 +53,8 @@ def embedding(
     space). ``n_prior`` teacher-forced prior samples per sequence (every block from
     ``p_psi(. | gold history)``); ``n_generated`` freely generated sequences as long as the
     longest text. ``methods``: any of ``"pca"`` (default), ``"umap"`` (the extra ``colaprob[umap]``,
-    imported only here; ``umap_options`` go to ``umap.UMAP``).
+    imported only here; ``umap_options`` go to ``umap.UMAP``). ``sampler``: the solver of the
+    prior draws (``cnf.Solver``; default 16 Euler steps as in Cola generation).
 
     Returns ``kind`` (one of ``KINDS``), ``token_id`` (gold token of the position's first
     token; for generated latents the decoder's argmax), ``decoded_id`` (argmax token the
@@ -68,12 +69,10 @@ def embedding(
     with torch.no_grad():
         q = model.posterior(batch)
         mean = q.mean
-        valid = block_mask(model, batch, mean.shape[-2] // model.block_size).repeat_interleave(model.block_size, -1)
+        valid = LatentLayout.of(model, batch).block_mask().repeat_interleave(model.block_size, -1)
         first_token = batch.ids[:, :: model.patch_size]
-        z_prior = prior_samples(model, mean, n_prior, seed=seed, sample_options=sample_options)
-        z_gen = generated_latents(
-            model, n_generated, mean.shape[-2], dtype=mean.dtype, seed=seed, sample_options=sample_options
-        )
+        z_prior = prior_samples(model, mean, n_prior, seed=seed, sampler=sampler)
+        z_gen = generated_latents(model, n_generated, mean.shape[-2], dtype=mean.dtype, seed=seed, sampler=sampler)
         decoded = [_decoded_first_tokens(model, z, batch) for z in (mean, z_prior)]
         # The decoder reads shapes and lengths from a batch: the longest text's row stands in.
         gen_batch = batch.select([int(torch.argmax(batch.lengths))] * n_generated)
@@ -106,7 +105,7 @@ def embedding(
         fitted_on="posterior means only; prior samples and generated latents are transformed by the same fit",
         prior_samples=f"{n_prior} teacher-forced prior sample(s) per sequence (each block given the gold history)",
         generated=f"{n_generated} freely generated latent sequences of {mean.shape[-2]} positions",
-        sample_options=solver_settings(sample_options),
+        sampler=sampler.label,
         seed=seed,
     )
     return ds
@@ -160,10 +159,10 @@ def density_slice(
     extent: float = 3.0,
     resolution: int = 25,
     n_prior: int = 32,
-    trace: str = "exact",
     seed: int = 0,
-    cnf_options: dict | None = None,
-    sample_options: dict | None = None,
+    solver: cnf.Solver | None = None,
+    sampler: cnf.Solver = cnf.SAMPLER,
+    **solver_keywords,
 ) -> xr.Dataset:
     """The prior's log-density and the decoder's decision regions on a plane through a gold
     latent (module docstring).
@@ -175,7 +174,9 @@ def density_slice(
     random directions; or a tensor [2, block_size, d] (orthonormalised here). ``alpha`` and
     ``beta`` run over ``[-extent, extent]`` in scaled units (the prior's noise has unit
     variance) on a ``resolution`` x ``resolution`` grid. ``n_prior`` teacher-forced prior
-    samples of the block are projected onto the plane as well.
+    samples of the block are projected onto the plane as well. ``solver``: how the prior's
+    CNF is solved (``cnf.Solver``, or its fields as keywords); ``sampler``: the solver of the
+    prior samples.
 
     Returns over ``(alpha, beta)``: ``log_prob`` (``log p_psi(z^(b) | gold history)``,
     posterior space), ``gold_log_prob`` (sum of the block's gold-token decoder
@@ -184,6 +185,7 @@ def density_slice(
     over ``(prior_sample, axis)``; ``direction`` over ``(axis, position, channel)``;
     ``gold_point_log_prob``.
     """
+    solver = cnf.Solver.build(solver, **solver_keywords)
     one = batch.select([sequence])
     bs, per = model.block_size, model.block_size * model.patch_size
     with torch.no_grad():
@@ -208,13 +210,11 @@ def density_slice(
     # gold latent itself rides along as one more point of the same solve.
     keep = slice(0, (block + 1) * bs)
     points = torch.cat([z[..., keep, :].reshape(-1, *mean[:, keep].shape), mean[None, :, keep]])
-    block_log_prob = prior_block_log_prob(
-        model, points, history=mean[:, keep], trace=trace, seed=seed, cnf_options=cnf_options
-    )[:, 0, block]
+    block_log_prob = prior_block_log_prob(model, points, history=mean[:, keep], seed=seed, solver=solver)[:, 0, block]
     log_prob, gold_point_log_prob = block_log_prob[:-1].reshape(resolution, resolution), block_log_prob[-1]
     with torch.no_grad():
         logp, argmax = decode_gold(model, z, one)
-        z_prior = prior_samples(model, mean, n_prior, seed=seed, sample_options=sample_options)
+        z_prior = prior_samples(model, mean, n_prior, seed=seed, sampler=sampler)
     gold = one.ids[0, tokens]
     argmax = argmax[..., 0, tokens]
     projection = torch.einsum("spd,apd->sa", to_prior_space(model, z_prior)[:, 0, in_block] - u0[0, in_block], e)
@@ -237,9 +237,8 @@ def density_slice(
         directions=directions if isinstance(directions, str) else "given",
         extent=extent,
         units="log_prob in nats on the posterior's space; alpha, beta in scaled (prior-space) units",
-        trace=trace,
-        cnf_options=solver_settings(cnf_options),
-        sample_options=solver_settings(sample_options),
+        **solver.to_attrs(),
+        sampler=sampler.label,
         seed=seed,
     )
     return ds

@@ -54,7 +54,7 @@ def report(
     Cost: every prior density is a CNF solve. With the estimators' defaults (exact trace,
     dopri5 at 1e-5) a solve on the embedded model takes about 800 velocity evaluations of
     ``block_size * d = 64`` vector-Jacobian products each -- hours on a CPU for a corpus. For
-    a first look pass ``{"trace": "hutchinson", "cnf_options": {"rtol": 1e-3, "atol": 1e-3}}``
+    a first look pass ``{"solver": cnf.Solver(trace="hutchinson", rtol=1e-3, atol=1e-3)}``
     to ``decomposition``, ``probes`` and ``density_slice`` (unbiased wherever ``log p_psi``
     enters linearly; it adds noise to the density percentiles): 64 held-out texts then took
     40 minutes on one busy CPU core, most of it in the probes.

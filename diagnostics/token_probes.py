@@ -39,20 +39,14 @@ import torch
 import xarray as xr
 
 from colaprob.diagnostics._latent import (
-    block_mask,
-    block_of_token,
     chunks,
     decode_gold,
-    latent_lengths,
     prior_block_log_prob,
     prior_samples,
-    solver_settings,
     standard_normal,
-    sum_per_block,
-    token_mask,
-    tokens_per_block,
 )
-from colaprob.estimators import streams
+from colaprob.estimators import cnf, streams
+from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import LatentModel, TokenBatch
 
 PROBES = ("prior_hit", "posterior_hit", "decoder_probe", "generation_prob")
@@ -66,14 +60,15 @@ def probes(
     n_posterior: int = 16,
     n_prior: int = 16,
     batch_size: int = 4,
-    trace: str = "exact",
     seed: int = 0,
-    cnf_options: dict | None = None,
-    sample_options: dict | None = None,
+    solver: cnf.Solver | None = None,
+    sampler: cnf.Solver = cnf.SAMPLER,
     progress: bool = True,
+    **solver_keywords,
 ) -> xr.Dataset:
     """Per-token and per-block probes of every sequence in ``batch`` (module docstring);
-    ``progress``: a progress bar over the batches.
+    ``solver``: how the prior's CNF is solved (``cnf.Solver``, or its fields as keywords);
+    ``sampler``: the solver of the prior draws; ``progress``: a progress bar over the batches.
 
     Returns an ``xarray.Dataset`` with, over ``(sequence, token)``: ``token_id``, ``valid``,
     ``decoder_probe``, ``posterior_hit``, ``prior_hit``, ``generation_prob``,
@@ -84,8 +79,10 @@ def probes(
     posterior's space; hit rates in [0, 1]. Invalid (padding) entries are NaN. The coordinate
     ``token_block`` gives each token's prior block.
     """
+    solver = cnf.Solver.build(solver, **solver_keywords)
     n_seq, n_tok = batch.ids.shape
-    n_blk = n_tok // tokens_per_block(model)
+    grid = LatentLayout.of(model, batch)
+    n_blk = grid.n_blocks
     # Per-sequence random streams: the numbers do not depend on ``batch_size``, and the
     # posterior draws are those of ``colaprob.estimators.elbo`` with this seed.
     eps = standard_normal(model, batch, n_posterior, seed)
@@ -94,9 +91,9 @@ def probes(
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
     for rows in chunks(n_seq, batch_size, "probes", progress):
         noise = (eps[:, rows], prior_noise[:, rows])
-        for name, value in _probe_chunk(model, batch.select(rows), noise, trace, seed, cnf_options, sample_options).items():
+        for name, value in _probe_chunk(model, batch.select(rows), noise, seed, solver, sampler).items():
             out[name][..., rows, : value.shape[-1]] = value
-    valid, bvalid = token_mask(batch), block_mask(model, batch, n_blk)
+    valid, bvalid = grid.token_mask(), grid.block_mask()
     ds = xr.Dataset(
         {name: (dims, np.where(bvalid if dims[-1] == "block" else valid, out[name], np.nan)) for name, (dims, _) in layout.items()}
         | {
@@ -108,7 +105,7 @@ def probes(
             "sequence": np.arange(n_seq),
             "token": np.arange(n_tok),
             "block": np.arange(n_blk),
-            "token_block": ("token", block_of_token(model, n_tok).numpy()),
+            "token_block": ("token", grid.block_of_token().numpy()),
         },
     )
     ds["token_elbo"] = ds["token_log_prob"] - ds["block_kl_share"]
@@ -116,14 +113,13 @@ def probes(
         units="nats (log-densities on the posterior's space); probabilities in [0, 1]",
         n_posterior=n_posterior,
         n_prior=n_prior,
-        trace=trace,
-        cnf_options=solver_settings(cnf_options),
-        sample_options=solver_settings(sample_options),
+        **solver.to_attrs(),
+        sampler=sampler.label,
         seed=seed,
         prior_samples="teacher-forced: block b drawn from p_psi(. | posterior means of blocks < b) by the ODE sampler",
         prior_hit_decoding="block b replaced by the prior sample, other blocks at the posterior mean; argmax decoding",
         posterior_hit_decoding="the whole latent sampled from q(z|x); argmax decoding",
-        tokens_per_block=tokens_per_block(model),
+        tokens_per_block=grid.tokens_per_block,
     )
     return ds
 
@@ -146,11 +142,11 @@ def _layout(n_seq: int, n_tok: int, n_blk: int, n_prior: int) -> dict:
     }
 
 
-def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) -> dict:
+def _probe_chunk(model, batch, noise, seed, solver, sampler) -> dict:
     """The probes of one sub-batch as float64 arrays (token and block axes as long as its
     longest sequence). ``noise``: standard-normal draws for the posterior samples and for the
     prior sampler, [n_posterior, B, >= L, d] and [n_prior, B, >= L, d]."""
-    ids = batch.ids
+    ids, layout = batch.ids, LatentLayout.of(model, batch)
     with torch.no_grad():
         q = model.posterior(batch)
         mean = q.mean
@@ -163,9 +159,9 @@ def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) 
         post_logp, post_argmax = decode_gold(model, z_post, batch)
 
         # Prior side: block b from p_psi(. | gold history), decoded with the rest at the mean.
-        z_prior = prior_samples(model, mean, noise[1][:, :, :n_pos], sample_options=sample_options)
+        z_prior = prior_samples(model, mean, noise[1][:, :, :n_pos], sampler=sampler)
         position_block = torch.arange(mean.shape[-2]) // model.block_size
-        token_block = block_of_token(model, ids.shape[-1])
+        token_block = layout.block_of_token()
         prior_hit = torch.zeros(ids.shape, dtype=torch.float64)
         generation_prob = torch.zeros(ids.shape, dtype=torch.float64)
         for b in range(n_blk):
@@ -176,8 +172,8 @@ def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) 
             generation_prob[:, tokens] = logp.exp().mean(0)[:, tokens]
 
     # Prior densities need autograd (the CNF divergence), so they sit outside no_grad.
-    lq_blk = sum_per_block(q.log_prob(z_post), model.block_size)
-    density = dict(lengths=latent_lengths(model, batch), trace=trace, seed=seed, cnf_options=cnf_options)
+    lq_blk = layout.per_block(q.log_prob(z_post))
+    density = dict(lengths=layout.blocks() * model.block_size, seed=seed, solver=solver)
     block_prior = prior_block_log_prob(model, z_post, **density)
     block_kl = (lq_blk - block_prior).mean(0)
     gold_log_prob = prior_block_log_prob(model, mean, **density)
@@ -188,7 +184,7 @@ def _probe_chunk(model, batch, noise, trace, seed, cnf_options, sample_options) 
         "prior_hit": prior_hit,
         "generation_prob": generation_prob,
         "token_log_prob": post_logp.mean(0),
-        "block_kl_share": block_kl[:, token_block] / tokens_per_block(model),
+        "block_kl_share": block_kl[:, token_block] / layout.tokens_per_block,
         "block_kl": block_kl,
         "block_prior_log_prob": block_prior.mean(0),
         "gold_log_prob": gold_log_prob,

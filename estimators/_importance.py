@@ -28,30 +28,14 @@ from torch import Tensor
 from colaprob.estimators import _checks, cnf, statistics, streams, units
 from colaprob.protocol import TokenBatch, to_prior_space
 
-# The keyword arguments an estimator passes on to ``cnf.block_causal_log_prob``.
-CNF_OPTIONS = ("method", "rtol", "atol", "steps", "n_probes", "probe", "vjp_chunk", "solver_error")
-
-
-def check_arguments(model, batch: TokenBatch, n_samples: int, *, seed: int, chunk_size: int, trace: str, cnf_options: dict) -> None:
+def check_arguments(model, batch: TokenBatch, n_samples: int, *, seed: int, chunk_size: int) -> None:
     """Refuse, with one sentence naming the argument, what the estimators cannot compute:
-    ``n_samples`` (K) or ``chunk_size`` below 1, a negative ``seed``, an unknown ``trace`` or
-    solver option, solver settings ``cnf.check_solver`` refuses, and a batch whose shapes
-    disagree or that holds an empty sequence (it has no likelihood, and would read as 0)."""
+    ``n_samples`` (K) or ``chunk_size`` below 1, a negative ``seed``, and a batch whose shapes
+    disagree or that holds an empty sequence (it has no likelihood, and would read as 0).
+    (The solver settings are checked where a ``cnf.Solver`` is made.)"""
     _checks.integer("n_samples (K)", n_samples, minimum=1)
     _checks.integer("chunk_size", chunk_size, minimum=1)
     _checks.integer("seed", seed, minimum=0)
-    if trace not in cnf.TRACE_NOTES:
-        raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
-    unknown = sorted(set(cnf_options) - set(CNF_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown solver option {unknown[0]!r}; the options are {', '.join(CNF_OPTIONS)}")
-    cnf.check_solver(cnf_options.get("method", "dopri5"), cnf_options.get("rtol", 1e-5), cnf_options.get("atol", 1e-5), cnf_options.get("steps"))
-    if "n_probes" in cnf_options:
-        _checks.integer("n_probes", cnf_options["n_probes"], minimum=1)
-    if "vjp_chunk" in cnf_options:
-        _checks.integer("vjp_chunk", cnf_options["vjp_chunk"], minimum=1)
-    if cnf_options.get("probe", "rademacher") not in ("rademacher", "gaussian"):
-        raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {cnf_options['probe']!r}")
     check_batch(batch)
 
 
@@ -134,19 +118,19 @@ def draw(
     keys: Tensor,
     start: int = 0,
     chunk_size: int = 32,
-    trace: str = "exact",
+    solver: cnf.Solver,
     prefix_tokens: Tensor | None = None,
     pinned: Tensor | None = None,
-    **cnf_options,
 ) -> Draws:
-    """Samples ``start .. start + n_samples - 1`` of every sequence and their weight terms.
+    """Samples ``start .. start + n_samples - 1`` of every sequence and their weight terms,
+    the prior's density solved by ``solver``.
 
     ``prefix_tokens`` [B]: also the terms of the prefix marginal. ``pinned`` [B] latent
     positions: hold the latents before it at the posterior mean, give them to the prior as
     clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
     and the latents from ``pinned`` on (the direct conditional).
     """
-    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     _checks.integer("start", start, minimum=0)
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     B, N = batch.ids.shape
@@ -169,17 +153,13 @@ def draw(
         prefix_blocks = torch.arange(n_blocks) < covering_blocks[:, None]
         prefix_positions = sampled & (position < covering_blocks[:, None] * bs)
         prefix_token_mask = counted_tokens & (token < prefix_tokens[:, None])
-    hutchinson = trace == "hutchinson"
-    cnf_options = dict(cnf_options)
-    with_error = cnf_options.setdefault("solver_error", False)
-    n_probes = cnf_options.pop("n_probes", 1)
-    probe = cnf_options.pop("probe", "rademacher")
+    hutchinson, with_error = solver.hutchinson, solver.solver_error
 
     per_sample: dict[str, list[Tensor]] = {}
     sums = {"token_decoder": torch.zeros(B, N, dtype=torch.float64), "block_prior": torch.zeros(B, n_blocks, dtype=torch.float64)}
     if with_error:
         sums["block_prior_solver_error"] = torch.zeros(B, n_blocks, dtype=torch.float64)
-    nfe, error_nfe, settings = 0, 0, {}
+    nfe, error_nfe = 0, 0
     for k0 in range(start, start + n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, start + n_samples))
         eps = streams.draws(seed, streams.POSTERIOR, keys, indices, lengths, d).to(device, dtype)
@@ -190,21 +170,20 @@ def draw(
             posterior = q.log_prob(z).cpu()  # [k, B, L]
         probes = None
         if hutchinson:
-            probes = streams.draws(seed, streams.PROBE, keys, indices, lengths, d, probe, leading=(n_probes,))
+            probes = streams.draws(seed, streams.PROBE, keys, indices, lengths, d, solver.probe, leading=(solver.n_probes,))
             probes = torch.nn.functional.pad(probes, (0, 0, 0, L - probes.shape[-2])).to(device, dtype)
         shape = (len(indices), B)
         r = cnf.block_causal_log_prob(
             model.prior_velocity,
             to_prior_space(model, z),
             bs,
-            trace,
             prefix_len=pinned.to(device).expand(shape),
             lengths=lengths.to(device).expand(shape),
             probes=probes,
             seed=seed,
-            **cnf_options,
+            solver=solver,
         )
-        nfe, error_nfe, settings = nfe + r.nfe, error_nfe + r.error_nfe, r.settings
+        nfe, error_nfe = nfe + r.nfe, error_nfe + r.error_nfe
         block_prior = r.block_logp.cpu() + jacobian  # [k, B, n_blocks], on z
         block_posterior = cnf._per_block(posterior * sampled, bs)
         terms = {
@@ -228,8 +207,7 @@ def draw(
             per_sample.setdefault(name, []).append(value.T)
         sums["token_decoder"] += (decoder * counted_tokens).sum(0)
         sums["block_prior"] += block_prior.sum(0)
-    if hutchinson:  # the probes were passed to the CNF explicitly; name how they were drawn
-        settings.update(n_probes=n_probes, probe=probe)
+    settings = solver.to_attrs()
     if with_error:
         settings["solver_error_nfe"] = error_nfe
     return Draws(

@@ -23,6 +23,10 @@ The divergence is either
 Probes are applied ``vjp_chunk`` at a time in one batched backward pass
 (``torch.autograd.grad(..., is_grads_batched=True)``), which bounds memory.
 
+How a density is solved (method, tolerances or steps, trace, probes, VJP chunk, whether the
+solver error is estimated) is one value, ``Solver`` (``colaprob.estimators.solver``); every
+function here takes it as ``solver=``, or builds it from the same fields given as keywords.
+
 Precision: the velocity runs in the dtype of ``z0`` (float32 for a model); the ODE state,
 log-determinants and densities are float64. No gradient flows back to ``z0`` or parameters.
 """
@@ -38,98 +42,37 @@ from torchdiffeq import odeint
 
 from colaprob.errors import ColaprobError
 from colaprob.estimators import _checks
+from colaprob.estimators.solver import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SAFETY, Solver
 
-# Every torchdiffeq method is either adaptive (rtol / atol decide the steps) or runs on a grid
-# of ``steps`` equal steps; ``scipy_solver`` is refused (below).
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-FIXED_GRID_METHODS = frozenset({"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"})
-REFUSED_METHODS = {"scipy_solver": "it integrates NumPy copies outside torch and cannot take the per-sample error norm"}
-# Below this an adaptive step that meets the tolerance is too small to move t in float64.
-TOLERANCE_FLOOR = 1e-12
-TRACE_NOTES = {
-    "exact": "exact",
-    "hutchinson": "hutchinson (unbiased log-det, biased inside log-sum-exp)",
-}
+__all__ = ["ADAPTIVE_METHODS", "FIXED_GRID_METHODS", "SAMPLER", "BlockLogProb", "LogProb", "Solver", "SolverFailure", "block_causal_log_prob", "log_prob", "sample"]
+
 _LOG_2PI = math.log(2 * math.pi)
+# Units of float rounding per nat of the density that a velocity in float32 leaves in it.
+ROUNDING_ULPS = 1
 
 
 class SolverFailure(ColaprobError, ArithmeticError):
     """The ODE solver could not reach ``t = 1`` (its step size underflowed)."""
 
 
-def check_solver(method: str, rtol: float, atol: float, steps: int | None, *, steps_with_adaptive: bool = False) -> None:
-    """Refuse a method that is not in the registry, a fixed grid without ``steps``, ``steps``
-    given to an adaptive method (unless ``steps_with_adaptive``: then it is ignored), and
-    tolerances that are not finite, positive and at least ``TOLERANCE_FLOOR``."""
-    if method in REFUSED_METHODS:
-        raise ValueError(f"method {method!r} is not supported: {REFUSED_METHODS[method]}; use {' or '.join(ADAPTIVE_METHODS[:2])}")
-    if method not in ADAPTIVE_METHODS and method not in FIXED_GRID_METHODS:
-        raise ValueError(
-            f"method {method!r} is not a torchdiffeq method colaprob runs; use an adaptive one ({', '.join(ADAPTIVE_METHODS)}) "
-            f"with rtol / atol or a fixed grid ({', '.join(sorted(FIXED_GRID_METHODS))}) with steps"
-        )
-    if method in FIXED_GRID_METHODS:
-        if steps is None:
-            raise ValueError(f"method {method!r} is a fixed-grid method and needs steps, the number of steps from t = 0 to 1")
-        _checks.integer("steps", steps, minimum=1)
-    elif steps is not None and not steps_with_adaptive:
-        raise ValueError(f"steps is for fixed-grid methods; method {method!r} is adaptive and takes rtol and atol instead")
-    _checks.positive_number("rtol", rtol, floor=TOLERANCE_FLOOR)
-    _checks.positive_number("atol", atol, floor=TOLERANCE_FLOOR)
-
-
-# Orders of the fixed-grid methods: halving the step divides their error by 2^order.
-FIXED_GRID_ORDERS = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "explicit_adams": 4, "implicit_adams": 4, "fixed_adams": 4}
-# The companion solve: an adaptive method at the tolerances divided by this, a fixed grid on
-# twice the steps. Its error is a fraction of the main solve's, so their difference is
-# nearly the main solve's error (a looser companion would be cheaper, but its error relates
-# to the main one's only through tolerance proportionality, which held in too few cases on
-# bench/solver_error.py).
-COMPANION_TIGHTENING = 10.0
-# Assumed ratio of the main solve's error to the companion's (tolerance proportionality for
-# adaptive methods, 2^order for a grid twice as fine), and the safety factor on the estimate.
-ADAPTIVE_ERROR_RATIO, SAFETY = 10.0, 2.0
-# Units of float rounding per nat of the density that a velocity in float32 leaves in it.
-ROUNDING_ULPS = 1
-
-
-def companion_settings(method: str, rtol: float, atol: float, steps: int | None) -> dict:
-    """The second, finer solve whose difference from the first estimates the first's error."""
-    if method in FIXED_GRID_METHODS:
-        return dict(method=method, rtol=rtol, atol=atol, steps=2 * steps)
-    return dict(method=method, rtol=rtol / COMPANION_TIGHTENING, atol=atol / COMPANION_TIGHTENING, steps=None)
-
-
-def solver_error_bound(prior: Tensor, delta: Tensor, companion: Tensor, method: str, dtype: torch.dtype) -> Tensor:
+def solver_error_bound(prior: Tensor, delta: Tensor, companion: Tensor, solver: Solver, dtype: torch.dtype) -> Tensor:
     """The estimated solver error of ``prior + delta`` [n_probes, ...] (the two terms of the
     density) from the companion solve's values, in nats, averaged over probes: [...].
 
     Truncation: with ``e`` the main solve's error and ``r`` the ratio of it to the companion's,
     ``|value - companion| ~ (1 - 1 / r) |e|``, so ``|e| ~ |value - companion| r / (r - 1)``:
     ``r = 2^order`` for a grid twice as fine (Richardson), ``ADAPTIVE_ERROR_RATIO`` for an
-    adaptive method at tightened tolerances; times ``SAFETY``. Rounding: the velocity's
-    ``dtype`` rounds every evaluation alike in both solves, which their difference cannot
-    see: ``ROUNDING_ULPS * eps(dtype) * (|prior| + |delta|)`` is added for it."""
-    ratio = 2.0 ** FIXED_GRID_ORDERS[method] if method in FIXED_GRID_METHODS else ADAPTIVE_ERROR_RATIO
+    adaptive method at tightened tolerances (``Solver.error_ratio``); times ``SAFETY``.
+    Rounding: the velocity's ``dtype`` rounds every evaluation alike in both solves, which
+    their difference cannot see: ``ROUNDING_ULPS * eps(dtype) * (|prior| + |delta|)`` is
+    added for it."""
+    ratio = solver.error_ratio()
     truncation = SAFETY * (prior + delta - companion).abs() * ratio / (ratio - 1)
     rounding = ROUNDING_ULPS * torch.finfo(dtype).eps * (prior.abs() + delta.abs())
     return (truncation + rounding).mean(0)
 
 
-def describe_solver_error(method: str) -> str:
-    if method in FIXED_GRID_METHODS:
-        return f"{SAFETY:g} x Richardson estimate from a solve on twice the steps (order {FIXED_GRID_ORDERS[method]})"
-    return f"{SAFETY:g} x |logp - logp at the tolerances / {COMPANION_TIGHTENING:g}| x {ADAPTIVE_ERROR_RATIO:g} / {ADAPTIVE_ERROR_RATIO - 1:g}"
-
-
-def _check_trace(trace: str, n_probes: int, probe: str, probes: Tensor | None, z0: Tensor, vjp_chunk: int) -> None:
-    if trace not in TRACE_NOTES:
-        raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
-    _checks.integer("vjp_chunk", vjp_chunk, minimum=1)
-    if trace == "hutchinson" and probes is None:
-        _checks.integer("n_probes", n_probes, minimum=1)
-        if probe not in ("rademacher", "gaussian"):
-            raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {probe!r}")
+def _check_probes(probes: Tensor | None, z0: Tensor) -> None:
     if probes is not None:
         _checks.floating_tensor("probes", probes, min_dims=z0.dim() + 1)
         if tuple(probes.shape[1:]) != tuple(z0.shape) or probes.shape[0] < 1:
@@ -192,40 +135,37 @@ def log_prob(
     velocity,
     z0: Tensor,
     event_dims: int = 1,
-    trace: str = "exact",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    trace: str | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
     seed: int = 0,
     *,
-    method: str = "dopri5",
-    steps: int | None = None,
-    n_probes: int = 1,
-    probe: str = "rademacher",
+    solver: Solver | None = None,
     probes: Tensor | None = None,
-    vjp_chunk: int = 32,
-    solver_error: bool = False,
+    **solver_keywords,
 ) -> LogProb:
     """``log p0(z0)`` of the flow ``dz/dt = velocity(z, t)`` (noise ``N(0, I)`` at ``t = 1``).
 
     ``velocity(z_t, t)``: ``z_t`` [..., *event], ``t`` a 0-dim tensor -> same shape as ``z_t``;
     the batch dims ``...`` must be independent samples. ``z0``: [..., *event] with
-    ``event_dims`` trailing event dims. ``trace``: ``"exact"`` or ``"hutchinson"`` (``n_probes``
-    probes of kind ``probe`` drawn from ``seed``, or the given ``probes`` [n, *z0.shape]).
-    ``method``: a torchdiffeq method; fixed-grid methods need ``steps``. ``solver_error``:
-    also estimate the solver error in nats (``solver_error_bound``: a second solve on the
-    same probes).
+    ``event_dims`` trailing event dims. ``solver``: the method, tolerances or steps, trace
+    and probes (``Solver``; or its fields as keywords: ``trace``, ``rtol``, ``atol``,
+    ``method``, ``steps``, ``n_probes``, ``probe``, ``vjp_chunk``, ``solver_error``).
+    Hutchinson probes are drawn from ``seed``, or given as ``probes`` [n, *z0.shape].
+    With ``solver.solver_error`` the solver error is estimated in nats
+    (``solver_error_bound``: a second solve on the same probes).
     """
+    solver = Solver.build(solver, trace=trace, rtol=rtol, atol=atol, **solver_keywords)
     event_dims = _checks.integer("event_dims", event_dims, minimum=1)
     _checks.floating_tensor("z0", z0, min_dims=event_dims)
-    check_solver(method, rtol, atol, steps)
-    _check_trace(trace, n_probes, probe, probes, z0, vjp_chunk)
+    _check_probes(probes, z0)
     _checks.integer("seed", seed, minimum=0)
     batch_shape = z0.shape[: z0.dim() - event_dims]
     event_shape = z0.shape[z0.dim() - event_dims :]
     event_axes = tuple(range(-event_dims, 0))
     # Each event element its own colour; batch elements are independent, so they share it.
     colours = torch.arange(math.prod(event_shape), device=z0.device).reshape(event_shape)
-    trace_terms = _trace_terms(trace, colours, z0, n_probes, probe, probes, seed, vjp_chunk)
+    trace_terms = _trace_terms(solver, colours, z0, probes, seed)
 
     def field(z: Tensor, t: Tensor) -> Tensor:
         return velocity(z, t.to(z0.dtype))
@@ -237,19 +177,18 @@ def log_prob(
     def reduce(terms: Tensor) -> Tensor:  # [n, ..., *event] -> [n, ...]
         return terms.sum(event_axes)
 
-    def solve(method, rtol, atol, steps):
-        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
+    def solve(solver):
+        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, solver)
         prior = (-0.5 * z1.pow(2) - 0.5 * _LOG_2PI).sum(event_axes)
         return z1, prior, delta, nfe  # per probe: prior + delta, [n, ...]
 
-    z1, prior, delta, nfe = solve(method, rtol, atol, steps)
+    z1, prior, delta, nfe = solve(solver)
     per_probe = prior + delta
-    settings = _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, event_dims=event_dims)
+    settings = _settings(solver, probes, seed, event_dims=event_dims)
     error, error_nfe = None, 0
-    if solver_error:
-        _, prior_2, delta_2, error_nfe = solve(**companion_settings(method, rtol, atol, steps))
-        error = solver_error_bound(prior, delta, prior_2 + delta_2, method, z0.dtype)
-        settings["solver_error"] = describe_solver_error(method)
+    if solver.solver_error:
+        _, prior_2, delta_2, error_nfe = solve(solver.companion())
+        error = solver_error_bound(prior, delta, prior_2 + delta_2, solver, z0.dtype)
     return LogProb(
         logp=per_probe.mean(0),
         prior_logp=prior,
@@ -257,7 +196,7 @@ def log_prob(
         z1=z1,
         nfe=nfe,
         settings=settings,
-        probe_logp=per_probe if trace == "hutchinson" else None,
+        probe_logp=per_probe if solver.hutchinson else None,
         logp_error=error,
         error_nfe=error_nfe,
     )
@@ -267,20 +206,14 @@ def block_causal_log_prob(
     velocity,
     z0: Tensor,
     block_size: int,
-    trace: str = "exact",
+    trace: str | None = None,
     prefix_len: Tensor | int | None = None,
     seed: int = 0,
     *,
     lengths: Tensor | int | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    method: str = "dopri5",
-    steps: int | None = None,
-    n_probes: int = 1,
-    probe: str = "rademacher",
+    solver: Solver | None = None,
     probes: Tensor | None = None,
-    vjp_chunk: int = 32,
-    solver_error: bool = False,
+    **solver_keywords,
 ) -> BlockLogProb:
     """Every block's ``log p(z^(b) | z^(<b))`` of a block-causal flow, from one solve.
 
@@ -298,13 +231,14 @@ def block_causal_log_prob(
     ``t = 0`` (a prefix ending inside a block is given to that block as in training) and left
     out of the divergence and of ``N(z1; 0, I)``. ``lengths`` ([...] or int, a multiple of
     ``block_size`` or ``>= L``): positions at or beyond it are not integrated either. A block
-    with no integrated position reports 0 and ``integrated = False``. ``solver_error``: also
-    each block's estimated solver error in nats (``solver_error_bound``).
+    with no integrated position reports 0 and ``integrated = False``. ``solver``, ``probes``
+    and the keyword conveniences as in ``log_prob``; with ``solver.solver_error`` also each
+    block's estimated solver error in nats (``solver_error_bound``).
     """
+    solver = Solver.build(solver, trace=trace, **solver_keywords)
     _checks.floating_tensor("z0", z0, min_dims=2)
     block_size = _checks.integer("block_size", block_size, minimum=1)
-    check_solver(method, rtol, atol, steps)
-    _check_trace(trace, n_probes, probe, probes, z0, vjp_chunk)
+    _check_probes(probes, z0)
     _checks.integer("seed", seed, minimum=0)
     *batch_shape, L, d = z0.shape
     n_blocks = -(-L // block_size)
@@ -317,7 +251,7 @@ def block_causal_log_prob(
     noisy_blocks = _per_block(noisy.to(z0.dtype), block_size) > 0  # [..., n_blocks]
     # Position j of every block, channel c: one colour (cross-block derivatives are zero).
     colours = (position % block_size)[:, None] * d + torch.arange(d, device=z0.device)
-    trace_terms = _trace_terms(trace, colours, z0, n_probes, probe, probes, seed, vjp_chunk)
+    trace_terms = _trace_terms(solver, colours, z0, probes, seed)
     mask = noisy[..., None]
 
     def field(z: Tensor, t: Tensor) -> Tensor:
@@ -334,21 +268,20 @@ def block_causal_log_prob(
         count = _per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
         return torch.maximum((sq / count).sqrt().max(), logdet_ratio.abs().max())
 
-    def solve(method, rtol, atol, steps):
-        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps)
+    def solve(solver):
+        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, solver)
         prior = _per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
         return z1, prior, delta, nfe  # per probe: prior + delta, [n, ..., n_blocks]
 
-    z1, prior, delta, nfe = solve(method, rtol, atol, steps)
+    z1, prior, delta, nfe = solve(solver)
     per_probe = prior + delta
-    settings = _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, block_size=block_size)
+    settings = _settings(solver, probes, seed, block_size=block_size)
     block_logp = per_probe.mean(0)
     block_error, error, error_nfe = None, None, 0
-    if solver_error:
-        _, prior_2, delta_2, error_nfe = solve(**companion_settings(method, rtol, atol, steps))
-        block_error = solver_error_bound(prior, delta, prior_2 + delta_2, method, z0.dtype)
-        error = solver_error_bound(prior.sum(-1), delta.sum(-1), (prior_2 + delta_2).sum(-1), method, z0.dtype)
-        settings["solver_error"] = describe_solver_error(method)
+    if solver.solver_error:
+        _, prior_2, delta_2, error_nfe = solve(solver.companion())
+        block_error = solver_error_bound(prior, delta, prior_2 + delta_2, solver, z0.dtype)
+        error = solver_error_bound(prior.sum(-1), delta.sum(-1), (prior_2 + delta_2).sum(-1), solver, z0.dtype)
     return BlockLogProb(
         logp=block_logp.sum(-1),
         block_logp=block_logp,
@@ -358,12 +291,16 @@ def block_causal_log_prob(
         z1=z1,
         nfe=nfe,
         settings=settings,
-        probe_logp=per_probe.sum(-1) if trace == "hutchinson" else None,
-        probe_block_logp=per_probe if trace == "hutchinson" else None,
+        probe_logp=per_probe.sum(-1) if solver.hutchinson else None,
+        probe_block_logp=per_probe if solver.hutchinson else None,
         logp_error=error,
         block_logp_error=block_error,
         error_nfe=error_nfe,
     )
+
+
+# Cola generation's sampler: 16 Euler steps per block.
+SAMPLER = Solver(method="euler", steps=16)
 
 
 def sample(
@@ -374,23 +311,22 @@ def sample(
     prefix_len: Tensor | int | None = None,
     noise: Tensor | None = None,
     seed: int = 0,
-    method: str = "euler",
-    steps: int | None = 16,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    solver: Solver | None = None,
+    **solver_keywords,
 ) -> Tensor:
     """Teacher-forced draws of every block from ``p(z^(b) | clean^(<b))``, all blocks at once.
 
     Transports ``noise`` [..., L, d] (drawn from ``seed`` when None) from ``t = 1`` to ``t = 0``
     under ``velocity(z_t, t, clean)`` (see ``block_causal_log_prob``), each block conditioned
     on the GIVEN history ``clean`` [..., L, d], not on the other samples. Positions
-    ``< prefix_len`` are held at ``clean`` with ``t = 0``. Default: ``steps`` Euler steps as in
-    Cola generation (without guidance); ``method="dopri5"`` for an adaptive solve.
+    ``< prefix_len`` are held at ``clean`` with ``t = 0``. ``solver`` (or its fields as
+    keywords; its trace is not used): default ``SAMPLER``, 16 Euler steps as in Cola
+    generation (without guidance); ``method="dopri5"`` for an adaptive solve.
     Returns [..., L, d] in the dtype of ``clean``.
     """
+    solver = Solver.build(solver, **solver_keywords) if solver is not None or any(v is not None for v in solver_keywords.values()) else SAMPLER
     _checks.floating_tensor("clean", clean, min_dims=2)
     block_size = _checks.integer("block_size", block_size, minimum=1)
-    check_solver(method, rtol, atol, steps, steps_with_adaptive=True)
     if noise is not None and tuple(noise.shape) != tuple(clean.shape):
         raise ValueError(f"noise must have the shape of clean, {tuple(clean.shape)}, got {tuple(noise.shape)}")
     *batch_shape, L, d = clean.shape
@@ -411,22 +347,21 @@ def sample(
         return _per_block(ratio.pow(2).mean(-1), block_size).div(block_size).sqrt().max()
 
     with torch.no_grad():
-        z = _solve(dynamics, noise.double(), method, rtol, atol, steps, error_norm, reverse=True)
+        z = _solve(dynamics, noise.double(), solver, error_norm, reverse=True)
     return torch.where(pinned, clean, z.to(clean.dtype))
 
 
-def _trace_terms(trace, colours, z0, n_probes, probe, probes, seed, vjp_chunk):
+def _trace_terms(solver: Solver, colours, z0, probes, seed):
     """``(n, terms)`` with ``terms(v, z) -> [n, *z.shape]`` the elementwise summands of the
-    divergence: ``n = 1`` for the exact diagonal, one row per probe for Hutchinson."""
-    if trace == "exact":
+    divergence: ``n = 1`` for the exact diagonal, one row per probe for Hutchinson (``probes``,
+    or ``solver.n_probes`` of kind ``solver.probe`` drawn from ``seed``)."""
+    if not solver.hutchinson:
         n_colours = int(colours.max()) + 1
-        return 1, lambda v, z: _jacobian_diagonal(v, z, colours, n_colours, vjp_chunk)[None]
-    if trace == "hutchinson":
-        if probes is None:
-            probes = _draw_probes(probe, (n_probes, *z0.shape), seed)
-        probes = probes.to(device=z0.device, dtype=z0.dtype)
-        return probes.shape[0], lambda v, z: _hutchinson_terms(v, z, probes, vjp_chunk)
-    raise ValueError(f"trace must be 'exact' or 'hutchinson', not {trace!r}")
+        return 1, lambda v, z: _jacobian_diagonal(v, z, colours, n_colours, solver.vjp_chunk)[None]
+    if probes is None:
+        probes = _draw_probes(solver.probe, (solver.n_probes, *z0.shape), seed)
+    probes = probes.to(device=z0.device, dtype=z0.dtype)
+    return probes.shape[0], lambda v, z: _hutchinson_terms(v, z, probes, solver.vjp_chunk)
 
 
 def _jacobian_diagonal(v: Tensor, z: Tensor, colours: Tensor, n_colours: int, chunk: int) -> Tensor:
@@ -469,7 +404,7 @@ def _draw_probes(kind: str, shape: tuple[int, ...], seed: int) -> Tensor:
     raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {kind!r}")
 
 
-def _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, steps):
+def _integrate(field, trace_terms, reduce, z0, error_norm, solver: Solver):
     """Solve ``d[z, logdet]/dt = [v, reduce(div terms)]`` from 0 to 1: (z1, logdet, nfe)."""
     n_terms, terms = trace_terms
     nfe = 0
@@ -485,33 +420,35 @@ def _integrate(field, trace_terms, reduce, z0, error_norm, method, rtol, atol, s
 
     with torch.no_grad():
         logdet0 = reduce(torch.zeros((n_terms, *z0.shape), dtype=torch.float64, device=z0.device))
-        z1, logdet = _solve(dynamics, (z0.detach().double(), logdet0), method, rtol, atol, steps, error_norm)
+        z1, logdet = _solve(dynamics, (z0.detach().double(), logdet0), solver, error_norm)
     return z1, logdet, nfe
 
 
-def _solve(dynamics, state0, method, rtol, atol, steps, error_norm, reverse: bool = False):
+def _solve(dynamics, state0, solver: Solver, error_norm, reverse: bool = False):
     """The state at the far end of ``[0, 1]`` (of ``[1, 0]`` when ``reverse``)."""
     device = state0[0].device if isinstance(state0, tuple) else state0.device
-    if method in FIXED_GRID_METHODS:
-        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=device)
+    if solver.fixed_grid:
+        grid = torch.linspace(0.0, 1.0, solver.steps + 1, dtype=torch.float64, device=device)
     else:
         grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
     if reverse:
         grid = grid.flip(0)
     # A per-sample (per-block) error norm: one hard sample is not diluted by an easy batch.
     options = {"norm": error_norm}
-    if method not in FIXED_GRID_METHODS:
+    tolerances = {}
+    if not solver.fixed_grid:
         # End a step exactly at the far end: otherwise torchdiffeq steps past it and returns
         # its interpolant there, whose error the tolerance does not control (dopri8 at 1e-8
         # was 1e-4 off on a linear flow).
         options["step_t"] = grid[-1:]
+        tolerances = {"rtol": solver.rtol, "atol": solver.atol}
     try:
-        solution = odeint(dynamics, state0, grid, rtol=rtol, atol=atol, method=method, options=options)
+        solution = odeint(dynamics, state0, grid, method=solver.method, options=options, **tolerances)
     except AssertionError as error:
         if "underflow in dt" not in str(error):
             raise
         raise SolverFailure(
-            f"the {method} solver's step size underflowed before t reached the end (rtol {rtol:g}, atol {atol:g}): the "
+            f"the {solver.method} solver's step size underflowed before t reached the end (rtol {solver.rtol:g}, atol {solver.atol:g}): the "
             "velocity's float32 rounding cannot meet these tolerances; loosen them (1e-8 or more) or use a fixed grid."
         ) from None
     return tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
@@ -524,13 +461,11 @@ def _per_block(x: Tensor, block_size: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block_size)).sum(-1)
 
 
-def _settings(trace, method, rtol, atol, steps, n_probes, probe, probes, seed, **extra) -> dict:
-    settings = {"trace": TRACE_NOTES.get(trace, trace), "solver": method, **extra}
-    if method in FIXED_GRID_METHODS:
-        settings["steps"] = steps
-    else:
-        settings.update(rtol=rtol, atol=atol)
-    if trace == "hutchinson":
-        settings.update(n_probes=n_probes if probes is None else probes.shape[0], probe=probe if probes is None else "given")
+def _settings(solver: Solver, probes: Tensor | None, seed: int, **extra) -> dict:
+    """What a ``LogProb`` records: the solver's attributes (given ``probes`` counted and named
+    as given), the seed and ``extra``."""
+    settings = {**solver.to_attrs(), **extra}
+    if solver.hutchinson and probes is not None:
+        settings.update(n_probes=probes.shape[0], probe="given")
     settings["seed"] = seed
     return settings

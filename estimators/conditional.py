@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from colaprob.estimators import _checks, _importance, statistics, streams, units
+from colaprob.estimators import _checks, _importance, cnf, statistics, streams, units
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
@@ -49,8 +49,8 @@ def conditional(
     chunk_size: int = 32,
     response=None,
     direct: bool = True,
-    trace: str = "exact",
-    **cnf_options,
+    solver: cnf.Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """``log p(x_res | x_pre)`` of every sequence, whose first ``prefix_tokens`` ([B] or int)
     framed tokens are the prefix (with the model's beginning-of-text token, if its framing
@@ -67,12 +67,13 @@ def conditional(
     ``direct_log_likelihood`` / ``_se``, ``log_weight_direct``, ``khat_direct``,
     ``direct_applies``.
     """
-    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    solver = cnf.Solver.build(solver, **solver_keywords)
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     keys = streams.sequence_keys(batch, sequence_ids)
     prefix = _checks.integer_tensor("prefix_tokens", prefix_tokens, (len(batch),), minimum=0, maximum=batch.ids.shape[1]).long()
     if ((prefix < 0) | (prefix > batch.lengths)).any():
         raise ValueError("prefix_tokens must lie between 0 and each sequence's length")
-    options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
+    options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
     draws = _importance.draw(model, batch, n_samples, keys=keys, prefix_tokens=prefix, **options)
     ds = _importance.weights_dataset(draws, keys, draws.log_weight)
     s = draws.per_sample
@@ -126,7 +127,7 @@ def _direct(model, batch, keys, prefix, n_samples, options, width) -> xr.Dataset
             "direct_applies": ("sequence", applies.numpy()),
         }
     )
-    if options.get("solver_error", False):
+    if options["solver"].solver_error:
         errors = xr.DataArray(error.numpy(), dims=("sequence", "sample"), coords={"sequence": keys.numpy()})
         ds["direct_log_likelihood_solver_error"] = statistics.solver_error(weights, errors, weighted=True)
     return ds

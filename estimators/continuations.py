@@ -162,9 +162,9 @@ def continuation_log_prob(
     seed: int = 0,
     item_ids: Sequence[int] | None = None,
     chunk_size: int = 32,
-    trace: str = "exact",
     share_context: bool = True,
-    **cnf_options,
+    solver: cnf.Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """``log p(continuation | context)`` of every continuation of every item (module
     docstring), for a model with a tokenizer and a framing.
@@ -188,7 +188,7 @@ def continuation_log_prob(
     """
     batch = frame_continuations(model, contexts, continuations)
     return score_continuations(
-        model, batch, n_samples, seed=seed, item_ids=item_ids, chunk_size=chunk_size, trace=trace, share_context=share_context, **cnf_options
+        model, batch, n_samples, seed=seed, item_ids=item_ids, chunk_size=chunk_size, share_context=share_context, solver=solver, **solver_keywords
     )
 
 
@@ -200,9 +200,9 @@ def score_continuations(
     seed: int = 0,
     item_ids: Sequence[int] | None = None,
     chunk_size: int = 32,
-    trace: str = "exact",
     share_context: bool = True,
-    **cnf_options,
+    solver: cnf.Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """``continuation_log_prob`` on framed rows: any model of ``colaprob.protocol`` (no
     tokenizer needed), for example the tractable models of ``colaprob.testing``."""
@@ -213,18 +213,15 @@ def score_continuations(
     keys = torch.arange(batch.n_items) if item_ids is None else torch.as_tensor(list(item_ids), dtype=torch.long).reshape(-1)
     if len(keys) != batch.n_items or (keys < 0).any():
         raise ValueError("item_ids must be one non-negative integer per item")
-    hutchinson = trace == "hutchinson"
-    n_probes = cnf_options.pop("n_probes", 1)
-    probe = cnf_options.pop("probe", "rademacher")
+    solver = cnf.Solver.build(solver, **solver_keywords)
     cost = _Cost()
     joint, context, settings = [], [], {}
     for k0 in range(0, n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, n_samples))
-        j, c, settings = _weights(model, batch, keys, indices, seed, trace, share_context, cost, n_probes, probe, cnf_options)
+        j, c, settings = _weights(model, batch, keys, indices, seed, solver, share_context, cost)
         joint.append(j)
         context.append(c)
-    if hutchinson:
-        settings.update(n_probes=n_probes, probe=probe)
+    settings.update(solver.to_attrs())  # the probes were drawn here, of the solver's kind
     return _dataset(model, batch, keys, torch.cat(joint, 0), torch.cat(context, 0), settings, cost, n_samples, seed, chunk_size, share_context)
 
 
@@ -238,7 +235,7 @@ class _Cost:
     history_rows: int = 0
 
 
-def _weights(model, batch, keys, indices, seed, trace, share_context, cost, n_probes, probe, cnf_options):
+def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
     """Log-weights of samples ``indices``: joint and context, each [k, R] float64."""
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     rows = batch.token_batch()
@@ -259,15 +256,15 @@ def _weights(model, batch, keys, indices, seed, trace, share_context, cost, n_pr
     eps = streams.draws(seed, streams.POSTERIOR, row_keys, indices, latent_lengths, d)
     eps = torch.nn.functional.pad(eps, (0, 0, 0, L - eps.shape[-2])).to(device, dtype)
     probes = None
-    if trace == "hutchinson":
-        probes = streams.draws(seed, streams.PROBE, row_keys, indices, latent_lengths, d, probe, leading=(n_probes,))
+    if solver.hutchinson:
+        probes = streams.draws(seed, streams.PROBE, row_keys, indices, latent_lengths, d, solver.probe, leading=(solver.n_probes,))
         probes = torch.nn.functional.pad(probes, (0, 0, 0, L - probes.shape[-2])).to(device, dtype)
     with torch.no_grad():
         z = q.sample(eps)  # [k, R, L, d]
         decoder = model.decoder_log_prob(z, rows).double().cpu()  # [k, R, N]
         posterior = q.log_prob(z).cpu()  # [k, R, L]
     u = to_prior_space(model, z)
-    options = dict(trace=trace, seed=seed, **cnf_options)
+    options = dict(seed=seed, solver=solver)
     block_prior, settings = _block_prior(model, u, probes, shared_blocks, covering(batch.total_tokens), batch, first_row, cost, options)
     n_blocks = block_prior.shape[-1]
     block_prior = block_prior + bs * d * math.log(abs(model.latent_scale))  # on z, per whole block

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-from colaprob.estimators import _importance, statistics, streams
+from colaprob.estimators import _importance, cnf, statistics, streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "ELBO (lower bound)"
@@ -18,15 +18,16 @@ def elbo(
     seed: int = 0,
     sequence_ids=None,
     chunk_size: int = 32,
-    trace: str = "exact",
-    **cnf_options,
+    solver: cnf.Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """The ELBO of every sequence, averaged over ``n_samples`` posterior draws.
 
-    ``cnf_options`` go to ``cnf.block_causal_log_prob`` (``method``, ``rtol``, ``atol``,
-    ``steps``, ``n_probes``, ``probe``, ``vjp_chunk``, ``solver_error``: True to estimate the
-    prior's solver error by a finer companion solve, which costs 1.3 to 2.9 times the solve
-    itself, see BENCHMARKS.md; ``colaprob score`` always does). ``sequence_ids`` ([B] non-negative integers, default
+    ``solver``: how the prior's CNF is solved (``cnf.Solver``; or its fields as keywords:
+    ``trace``, ``method``, ``rtol``, ``atol``, ``steps``, ``n_probes``, ``probe``,
+    ``vjp_chunk``, ``solver_error``: True to estimate the prior's solver error by a finer
+    companion solve, which costs 1.3 to 2.9 times the solve itself, see BENCHMARKS.md;
+    ``colaprob score`` always does). ``sequence_ids`` ([B] non-negative integers, default
     the row index) key each sequence's random stream.
 
     Returns an ``xarray.Dataset`` over ``sequence`` (coordinate: the keys), ``sample``,
@@ -41,9 +42,10 @@ def elbo(
     trace, solver, tolerances, K, seed, nfe (of the solves; ``solver_error_nfe`` of the
     estimate).
     """
-    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    solver = cnf.Solver.build(solver, **solver_keywords)
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     keys = streams.sequence_keys(batch, sequence_ids)
-    draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, trace=trace, **cnf_options)
+    draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, solver=solver)
     mean = lambda log_weight: log_weight.mean("sample")
     return _importance.summarise(model, batch, keys, draws, mean, statistics.mean_se, ESTIMATOR, seed, chunk_size)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import xarray as xr
 
-from colaprob.estimators import _checks, _importance, statistics, streams
+from colaprob.estimators import _checks, _importance, cnf, statistics, streams
 from colaprob.protocol import LatentModel, TokenBatch
 
 
@@ -20,8 +20,8 @@ def iwae(
     sequence_ids=None,
     chunk_size: int = 32,
     max_samples: int | None = None,
-    trace: str = "exact",
-    **cnf_options,
+    solver: cnf.Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """IWAE-K of every sequence, with its delta-method SE, ESS and Pareto k-hat.
 
@@ -35,11 +35,12 @@ def iwae(
     computable is neither reliable nor unreliable) and ``n_samples`` per sequence (NaN
     log-weights beyond it).
     """
-    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
+    solver = cnf.Solver.build(solver, **solver_keywords)
+    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     if max_samples is not None and _checks.integer("max_samples", max_samples, minimum=1) < n_samples:
         raise ValueError(f"max_samples ({max_samples}) must be at least n_samples ({n_samples})")
     keys = streams.sequence_keys(batch, sequence_ids)
-    options = dict(seed=seed, chunk_size=chunk_size, trace=trace, **cnf_options)
+    options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
     draws = _importance.draw(model, batch, n_samples, keys=keys, **options)
     while max_samples is not None:
         log_weight = xr.DataArray(draws.log_weight.numpy(), dims=("sequence", "sample"))

@@ -33,6 +33,7 @@ import xarray as xr
 
 from colaprob import windows as windowing
 from colaprob.estimators import statistics
+from colaprob.estimators.solver import Solver
 from colaprob.estimators.continuations import ContinuationBatch, continuation_log_prob, score_continuations
 
 ESTIMATOR = "rolling chain log p(w_1) + sum_j log p(w_j | w_(j-1)) of continuation scores (IWAE-{K} differences on common draws; consistent, not a bound)"
@@ -47,8 +48,8 @@ def rolling_log_prob(
     seed: int = 0,
     document_ids: Sequence[int] | None = None,
     chunk_size: int = 32,
-    trace: str = "exact",
-    **cnf_options,
+    solver: Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """The rolling chain (module docstring) of every document, for a model with a tokenizer
     and a framing; ``documents``: non-empty strings. ``document_ids``: non-negative ints
@@ -71,7 +72,7 @@ def rolling_log_prob(
     contexts = [w[j - 1] if j else "" for w in cut for j in range(len(w))]
     continuations = [[piece] for w in cut for piece in w]
     ds = continuation_log_prob(
-        model, contexts, continuations, n_samples, seed=seed, item_ids=_item_keys(keys, cut), chunk_size=chunk_size, trace=trace, **cnf_options
+        model, contexts, continuations, n_samples, seed=seed, item_ids=_item_keys(keys, cut), chunk_size=chunk_size, solver=solver, **solver_keywords
     )
     out = _chain_dataset(ds, [len(w) for w in cut], keys, n_samples)
     width = out.sizes["window"]
@@ -92,8 +93,8 @@ def chain_log_prob(
     seed: int = 0,
     document_ids: Sequence[int] | None = None,
     chunk_size: int = 32,
-    trace: str = "exact",
-    **cnf_options,
+    solver: Solver | None = None,
+    **solver_keywords,
 ) -> xr.Dataset:
     """The chain of documents already cut into windows of token ids, for any model of
     ``colaprob.protocol`` (no tokenizer needed; for example the tractable models of
@@ -107,7 +108,7 @@ def chain_log_prob(
     if not all(len(c[0]) for c in continuations):
         raise ValueError("every window must hold at least one token")
     batch = ContinuationBatch.from_tokens(contexts, continuations, model.patch_size * model.block_size, pad_id)
-    ds = score_continuations(model, batch, n_samples, seed=seed, item_ids=_item_keys(keys, windows), chunk_size=chunk_size, trace=trace, **cnf_options)
+    ds = score_continuations(model, batch, n_samples, seed=seed, item_ids=_item_keys(keys, windows), chunk_size=chunk_size, solver=solver, **solver_keywords)
     out = _chain_dataset(ds, [len(w) for w in windows], keys, n_samples)
     out["n_bytes"] = out["n_tokens"].copy()
     out["n_words"] = out["n_tokens"].copy()

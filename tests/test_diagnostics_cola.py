@@ -9,16 +9,17 @@ import pytest
 import colaprob
 from colaprob.diagnostics import report
 from colaprob.errors import ColaprobError
+from colaprob.estimators import cnf
 
 # One Hutchinson probe and four RK4 steps per density, four Euler steps per sample.
-FAST = {"trace": "hutchinson", "cnf_options": {"method": "rk4", "steps": 4}}
-FAST_SAMPLER = {"steps": 4}
+FAST = {"solver": cnf.Solver(trace="hutchinson", method="rk4", steps=4)}
+FAST_SAMPLER = cnf.Solver(method="euler", steps=4)
 OPTIONS = {
     "decomposition": {"n_samples": 2, **FAST},
-    "probes": {"n_posterior": 4, "n_prior": 4, "sample_options": FAST_SAMPLER, **FAST},
+    "probes": {"n_posterior": 4, "n_prior": 4, "sampler": FAST_SAMPLER, **FAST},
     "information_curve": {"logsnr": np.linspace(8, -8, 9), "n_noise": 1},
-    "embedding": {"methods": ("pca",), "n_prior": 1, "n_generated": 2, "sample_options": FAST_SAMPLER},
-    "density_slice": {"resolution": 9, "n_prior": 8, "sample_options": FAST_SAMPLER, **FAST},
+    "embedding": {"methods": ("pca",), "n_prior": 1, "n_generated": 2, "sampler": FAST_SAMPLER},
+    "density_slice": {"resolution": 9, "n_prior": 8, "sampler": FAST_SAMPLER, **FAST},
 }
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,5 +71,5 @@ def test_umap_embeds_the_posterior_means_of_a_cola_checkpoint(named_model):
     from colaprob.diagnostics import geometry
 
     _, model = named_model
-    ds = geometry.embedding(model, model.frame(TEXTS), methods=("umap",), n_prior=1, n_generated=2, sample_options=FAST_SAMPLER)
+    ds = geometry.embedding(model, model.frame(TEXTS), methods=("umap",), n_prior=1, n_generated=2, sampler=FAST_SAMPLER)
     assert np.isfinite(ds.umap).all() and ds.umap.shape[-1] == 2

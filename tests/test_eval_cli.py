@@ -90,6 +90,10 @@ def test_bad_input_is_one_sentence(tmp_path):
     outcome = run_cli("eval", path, "--model", limited, *FAST, "-o", tmp_path / "out.nc")
     assert_one_line_error(outcome, "mmlu item 0", "limit of 16")
     assert not (tmp_path / "out.nc").exists()
+    # A batch of items whose choices cannot fit in memory is refused before any work.
+    outcome = run_cli("eval", path, "--model", FIXTURE, *FAST, "--max-memory", "64K", "-o", tmp_path / "out.nc")
+    assert_one_line_error(outcome, "the evaluation would need about", "more than --max-memory")
+    assert not (tmp_path / "out.nc").exists()
 
 
 def test_viz_draws_the_per_task_comparison(evaluated, tmp_path):

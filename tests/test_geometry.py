@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from colaprob.diagnostics import geometry
+from colaprob.estimators import cnf
 from colaprob.diagnostics._latent import generated_latents, prior_samples
 from colaprob.protocol import DiagonalGaussian, from_prior_space, to_prior_space
 from colaprob.testing import BlockMixturePrior, CategoricalDecoder, QuadratureModel, make_batch
 
-EXACT_SAMPLER = {"method": "dopri5"}
+EXACT_SAMPLER = cnf.Solver(method="dopri5")
 
 
 class TablePosterior(QuadratureModel):
@@ -51,7 +52,7 @@ def test_pca_is_one_map_for_every_kind_of_point():
     """With d = 2, PCA is a rotation about the posterior means' centre: every point --
     posterior mean, prior sample or generated latent -- keeps its distance to that centre."""
     m = model()
-    ds = geometry.embedding(m, BATCH, n_prior=2, n_generated=3, methods=("pca",), sample_options=EXACT_SAMPLER)
+    ds = geometry.embedding(m, BATCH, n_prior=2, n_generated=3, methods=("pca",), sampler=EXACT_SAMPLER)
     kind = ds.kind.values
     assert (kind == "posterior_mean").sum() == 9
     assert (kind == "prior_sample").sum() == 2 * 9
@@ -64,8 +65,8 @@ def test_pca_is_one_map_for_every_kind_of_point():
     z = torch.cat(
         [
             mean[valid],
-            prior_samples(m, mean, 2, sample_options=EXACT_SAMPLER)[:, valid].reshape(-1, 2),
-            generated_latents(m, 3, 4, dtype=torch.float64, sample_options=EXACT_SAMPLER).reshape(-1, 2),
+            prior_samples(m, mean, 2, sampler=EXACT_SAMPLER)[:, valid].reshape(-1, 2),
+            generated_latents(m, 3, 4, dtype=torch.float64, sampler=EXACT_SAMPLER).reshape(-1, 2),
         ]
     )
     np.testing.assert_allclose(np.linalg.norm(ds.pca.values, axis=-1), (z - center).norm(dim=-1), atol=1e-5)
@@ -79,7 +80,7 @@ def test_generated_blocks_follow_the_prior_given_generated_history():
     m = model(latent_dim=1)
     p = m.prior
     p.logits = torch.tensor([0.0, -40.0], dtype=torch.float64)  # effectively one component
-    u = to_prior_space(m, generated_latents(m, 2000, 3, dtype=torch.float64, seed=1, sample_options=EXACT_SAMPLER)).double()[..., 0]
+    u = to_prior_space(m, generated_latents(m, 2000, 3, dtype=torch.float64, seed=1, sampler=EXACT_SAMPLER)).double()[..., 0]
     history = torch.tanh(torch.cumsum(u, -1) - u)  # sum over earlier positions
     residual = (u - (p.means[0, 0, 0] + p.mean_weight[0, 0, 0] * history)) / p.log_std[0, 0, 0].exp()
     assert residual.mean(0).abs().max() < 0.1  # 2000 draws: standard error 0.022
@@ -117,7 +118,7 @@ def test_density_slice_rejects_a_missing_block():
 
 
 def test_pca_is_the_default_and_umap_without_the_extra_is_one_sentence(monkeypatch):
-    ds = geometry.embedding(model(), BATCH, n_prior=1, n_generated=1, sample_options=EXACT_SAMPLER)
+    ds = geometry.embedding(model(), BATCH, n_prior=1, n_generated=1, sampler=EXACT_SAMPLER)
     assert "pca" in ds and "umap" not in ds
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "umap" else real_find_spec(name, *a))

@@ -48,6 +48,17 @@ def test_score_records_the_name_and_the_commit(cache, tmp_path):
     assert attrs["model"] == "org/cola-tiny" and attrs["model_revision"] == OLD
 
 
+def test_viz_labels_tokens_with_the_snapshot_the_file_was_scored_with(cache, monkeypatch):
+    from colaprob.commands import viz
+
+    loaded = []
+    real_load = colaprob.load
+    monkeypatch.setattr(colaprob, "load", lambda path: loaded.append(path) or real_load(path))
+    assert viz.token_label("org/cola-tiny", OLD)(65) is not None
+    assert viz.token_label("org/cola-tiny")(65) is not None
+    assert [p.name for p in loaded] == [OLD, MAIN]
+
+
 def test_a_name_missing_from_the_cache_says_which_command_fetches_it(cache, tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("Hello.\n")

@@ -8,13 +8,14 @@ import pytest
 import torch
 import xarray as xr
 
+from colaprob.estimators import cnf
 from colaprob.diagnostics import probes, summarize_probes
 from colaprob.estimators.elbo import elbo
 from colaprob.protocol import from_prior_space, to_prior_space
 from colaprob.testing import BlockMixturePrior, CategoricalDecoder, QuadratureModel, make_batch
 
 N_DRAWS = 1500
-EXACT_SAMPLER = {"method": "dopri5"}
+EXACT_SAMPLER = cnf.Solver(method="dopri5")
 
 
 def history_model() -> QuadratureModel:
@@ -71,7 +72,7 @@ def exact_probes(model, batch):
 @pytest.fixture(scope="module")
 def result():
     model, b = history_model(), batch()
-    ds = probes(model, b, n_posterior=N_DRAWS, n_prior=N_DRAWS, seed=2, sample_options=EXACT_SAMPLER)
+    ds = probes(model, b, n_posterior=N_DRAWS, n_prior=N_DRAWS, seed=2, sampler=EXACT_SAMPLER)
     return model, b, ds, exact_probes(model, b)
 
 

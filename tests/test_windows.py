@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import colaprob
 from colaprob import windows
-from colaprob.commands._shared import framed_length_fn
+from colaprob.windows import framed_length_fn
 from colaprob.errors import ColaprobError
 
 

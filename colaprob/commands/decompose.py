@@ -9,88 +9,102 @@ so the corpus is computed in one pass (no shards).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from colaprob.commands import _shared
+from colaprob.commands import options, output, runs
+from colaprob.estimators.solver import Solver
 
 HELP = "where the bound goes: distortion, rate, I_q(X;Z), KL(q_bar || p_psi), active units (NetCDF)"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What ``colaprob decompose`` runs with, and its run key: K posterior ``samples`` per
+    sequence, the ``window_blocks_requested`` of q_bar (None: the fewest blocks of any
+    sequence; the result's attribute ``window_blocks`` records the value used), ``batch_size`` sequences per
+    model call, the prior's ``solver``, the ``seed``, and how the inputs are read."""
+
+    samples: int = 8
+    window_blocks_requested: int | None = None
+    batch_size: int = 16
+    solver: Solver = options.DEFAULT_SOLVER
+    seed: int = 0
+    per_line: bool = False
+    jsonl: bool = False
+    split: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        return cls(
+            samples=args.samples,
+            window_blocks_requested=args.window_blocks,
+            batch_size=args.batch_size,
+            solver=options.solver_from_args(args),
+            seed=args.seed,
+            per_line=args.per_line,
+            jsonl=args.jsonl,
+            split=args.split,
+        )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _shared.add_input_options(parser)
-    _shared.add_model_options(parser)
+    options.add_input_options(parser)
+    options.add_model_options(parser)
     group = parser.add_argument_group("decomposition")
-    group.add_argument("-K", "--samples", type=_shared.positive_int, default=8, help="posterior samples per sequence (default: 8)")
+    group.add_argument("-K", "--samples", type=options.positive_int, default=8, help="posterior samples per sequence (default: 8)")
     group.add_argument(
         "--window-blocks",
-        type=_shared.positive_int,
+        type=options.positive_int,
         default=None,
         help="leading prior blocks on which q_bar is defined (default: the fewest blocks of any sequence)",
     )
-    group.add_argument("--batch-size", type=_shared.positive_int, default=16, help="sequences per model call; does not change the numbers (default: 16)")
-    _shared.add_cnf_options(parser)
-    _shared.add_output_options(parser, "decomposition.nc")
+    group.add_argument("--batch-size", type=options.positive_int, default=16, help="sequences per model call (default: 16)")
+    options.add_solver_options(parser)
+    options.add_output_options(parser, "decomposition.nc")
 
 
 def run(args: argparse.Namespace) -> int:
-    from colaprob.diagnostics import decompose
-
-    cnf_options = _shared.cnf_options(args)
-    # window_blocks as asked (None: automatic); the dataset attribute records the value used.
-    settings = {"K": args.samples, "window_blocks_requested": args.window_blocks, "trace": args.trace, **cnf_options}
-
-    def compute(model, batch):
-        return decompose(
-            model,
-            batch,
-            n_samples=args.samples,
-            window_blocks=args.window_blocks,
-            batch_size=args.batch_size,
-            trace=args.trace,
-            seed=args.seed,
-            cnf_options=cnf_options,
-            progress=not args.quiet,
-        )
-
-    # The aggregate posterior q_bar mixes the posteriors of at least two documents.
-    ds = _shared.run_whole_corpus(args, "decomposition", compute, settings, min_sequences=2)
+    ds = execute(Settings.from_args(args), runs.Target.from_args(args), args.device)
     if ds is not None:
         report(ds, args)
     return 0
 
 
-def summary(ds) -> dict:
-    """Headline numbers: per-token terms of the bound, the corpus split of the rate."""
-    tokens = float(ds["n_tokens"].sum())
-    return {
-        "sequences": int(ds.sizes["sequence"]),
-        "tokens": int(tokens),
-        "neg_elbo_nats_per_token": -float(ds["elbo"].sum()) / tokens,
-        "distortion_nats_per_token": float(ds["distortion"].sum()) / tokens,
-        "rate_nats_per_token": float(ds["rate"].sum()) / tokens,
-        "mutual_information": float(ds["mutual_information"]),
-        "mutual_information_se": float(ds["mutual_information_se"]),
-        "marginal_kl": float(ds["marginal_kl"]),
-        "marginal_kl_se": float(ds["marginal_kl_se"]),
-        "window_blocks": int(ds.attrs["window_blocks"]),
-        "active_units": int(ds["n_active"]),
-        "channels": int(ds.sizes["channel"]),
-    }
+def execute(settings: Settings, target: runs.Target, device: str = "auto"):
+    """The decomposition of ``target``'s corpus into ``target.output`` (resumed or read back
+    when one made with the same settings is there); the dataset on rank 0, else None."""
+    from colaprob.diagnostics import decompose
+
+    def compute(model, batch):
+        return decompose(
+            model,
+            batch,
+            n_samples=settings.samples,
+            window_blocks=settings.window_blocks_requested,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            solver=settings.solver,
+            progress=target.progress,
+        )
+
+    # The aggregate posterior q_bar mixes the posteriors of at least two documents.
+    return runs.run_whole_corpus(settings, target, device, "decomposition", compute, samples=settings.samples, min_sequences=2)
 
 
 def report(ds, args) -> None:
-    row = summary(ds)
+    row = output.summary(ds)
     if args.json:
-        _shared.print_json({**row, "output": str(args.output)})
+        output.print_json({**row, "output": str(args.output)})
         return
     table = {
         "sequences": row["sequences"],
         "-ELBO": row["neg_elbo_nats_per_token"],
         "distortion": row["distortion_nats_per_token"],
         "rate": row["rate_nats_per_token"],
-        "I_q(X;Z)": _shared.plus_minus(row["mutual_information"], row["mutual_information_se"]),
-        "KL(q_bar||p)": _shared.plus_minus(row["marginal_kl"], row["marginal_kl_se"]),
+        "I_q(X;Z)": output.plus_minus(row["mutual_information"], row["mutual_information_se"]),
+        "KL(q_bar||p)": output.plus_minus(row["marginal_kl"], row["marginal_kl_se"]),
         "active units": f"{row['active_units']}/{row['channels']}",
     }
-    _shared.print_table([table], [(k, k) for k in table])
+    output.print_table([table], [(k, k) for k in table])
     print(f"(-ELBO, distortion, rate in nats/token; I_q and KL in nats/sequence on the first {row['window_blocks']} blocks)")
     print(f"results: {args.output}")

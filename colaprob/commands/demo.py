@@ -23,13 +23,16 @@ folder are refused unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from colaprob import distributed, results, runner
-from colaprob.commands import _shared, score
+from colaprob import distributed, results, runner, windows
+from colaprob.commands import options, output, runs, score
 from colaprob.errors import ColaprobError
+from colaprob.estimators.solver import Solver
 from colaprob.estimators.statistics import KHAT_MIN_SAMPLES
 
 HELP = "the tour on the embedded model: score held-out text (ELBO, IWAE), diagnose, write a report folder"
@@ -39,56 +42,83 @@ MANIFEST = "demo.json"
 ESTIMATES = (("elbo", "elbo"), ("iwae", "iwae"))
 
 
+# Loose tolerances and the Hutchinson trace keep the tour to minutes on a CPU; the ELBO row
+# always uses the exact trace (see the README on choosing estimator settings).
+SOLVER = Solver(trace="hutchinson", rtol=1e-3, atol=1e-3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What ``colaprob demo`` runs with, and the key of its folder: the held-out ``sequences``
+    (pieces of at most ``max_bytes``), the ELBO's and the IWAE's K, the diagnostics' K and
+    prior draws, the scoring ``batch_size``, the cloze task's items and K, the ``solver`` of
+    the IWAE row, the cloze task and the diagnostics, and the ``seed``."""
+
+    sequences: int = 4
+    max_bytes: int = 63
+    elbo_samples: int = 2
+    samples: int = 32
+    diagnostic_samples: int = 8
+    prior_samples: int = 8
+    batch_size: int = 4
+    cloze_items: int = 8
+    cloze_samples: int = 4
+    solver: Solver = SOLVER
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        own = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "solver"}
+        return cls(**own, solver=options.solver_from_args(args, SOLVER))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _shared.add_model_options(parser)
+    options.add_model_options(parser)
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("colaprob-demo"), help="report folder (default: ./colaprob-demo)")
-    parser.add_argument("--sequences", type=_shared.positive_int, default=4, help="held-out documents to score (default: 4)")
-    parser.add_argument("--max-bytes", type=_shared.positive_int, default=63, help="longest held-out piece in UTF-8 bytes (default: 63)")
-    parser.add_argument("--elbo-samples", type=_shared.positive_int, default=2, help="posterior samples of the exact-trace ELBO (default: 2)")
+    parser.add_argument("--sequences", type=options.positive_int, default=4, help="held-out documents to score (default: 4)")
+    parser.add_argument("--max-bytes", type=options.positive_int, default=63, help="longest held-out piece in UTF-8 bytes (default: 63)")
+    parser.add_argument("--elbo-samples", type=options.positive_int, default=2, help="posterior samples of the exact-trace ELBO (default: 2)")
     parser.add_argument(
         "-K",
         "--samples",
-        type=_shared.positive_int,
+        type=options.positive_int,
         default=32,
         help=f"posterior samples of the IWAE row; its k-hat needs at least {KHAT_MIN_SAMPLES} (default: 32)",
     )
     parser.add_argument(
-        "--diagnostic-samples", type=_shared.positive_int, default=8, help="posterior samples for the decomposition and the probes (default: 8)"
+        "--diagnostic-samples", type=options.positive_int, default=8, help="posterior samples for the decomposition and the probes (default: 8)"
     )
-    parser.add_argument("--prior-samples", type=_shared.positive_int, default=8, help="prior draws per block for the probes (default: 8)")
-    parser.add_argument("--batch-size", type=_shared.positive_int, default=4, help="documents per scoring batch (default: 4)")
-    parser.add_argument("--cloze-items", type=_shared.positive_int, default=8, help="items of the held-out cloze task (default: 8)")
-    parser.add_argument("--cloze-samples", type=_shared.positive_int, default=4, help="posterior samples per cloze item, shared by its choices (default: 4)")
-    # Loose tolerances and the Hutchinson trace keep the tour to minutes on a CPU; the ELBO row
-    # always uses the exact trace (see the README on choosing estimator settings).
-    _shared.add_cnf_options(parser, default_trace="hutchinson", default_tolerance=1e-3)
+    parser.add_argument("--prior-samples", type=options.positive_int, default=8, help="prior draws per block for the probes (default: 8)")
+    parser.add_argument("--batch-size", type=options.positive_int, default=4, help="documents per scoring batch (default: 4)")
+    parser.add_argument("--cloze-items", type=options.positive_int, default=8, help="items of the held-out cloze task (default: 8)")
+    parser.add_argument("--cloze-samples", type=options.positive_int, default=4, help="posterior samples per cloze item, shared by its choices (default: 4)")
+    options.add_solver_options(parser, SOLVER)
     parser.add_argument("--overwrite", action="store_true", help="start over in a folder made with other settings")
-    parser.add_argument("--seed", type=_shared.non_negative_int, default=0, help="random seed, a non-negative integer (default: 0)")
+    parser.add_argument("--seed", type=options.non_negative_int, default=0, help="random seed, a non-negative integer (default: 0)")
     parser.add_argument("--json", action="store_true", help="print the headline numbers as JSON instead of the table")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    cnf_options = _shared.cnf_options(args)
+    settings = Settings.from_args(args)
     ctx = distributed.from_environment(args.device)
     try:
         out = args.output_dir
-        model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
-        corpus = heldout_subset(args.sequences, args.max_bytes)
-        settings = {**identity, "sequences": args.sequences, "max_bytes": args.max_bytes, "K": args.samples, "elbo_K": args.elbo_samples, "diagnostic_K": args.diagnostic_samples,
-                    "n_prior": args.prior_samples, "batch_size": args.batch_size, "cloze_items": args.cloze_items, "cloze_K": args.cloze_samples, "trace": args.trace,
-                    **cnf_options, "seed": args.seed, "device_type": ctx.device.type}
+        target = runs.Target(inputs=(out / "heldout.jsonl",), output=out, model=args.model, revision=args.revision, download=args.download,
+                             max_memory=args.max_memory, overwrite=args.overwrite, progress=not args.quiet)
+        model, identity = runs.load_model(target, ctx.device)
+        corpus = heldout_subset(settings.sequences, settings.max_bytes)
         if ctx.is_main:
-            claim_folder(out, settings, args.overwrite)
+            claim_folder(out, {**identity, **runs.run_record(settings), "device_type": ctx.device.type}, args.overwrite)
             write_corpus(out / "heldout.jsonl", corpus)
         ctx.barrier()
-        scores = {name: score_corpus(args, ctx, out, name, estimator) for name, estimator in ESTIMATES}
-        cloze = evaluate_cloze(args, ctx, out, model)
+        scores = {name: score_corpus(settings, target, ctx, name, estimator) for name, estimator in ESTIMATES}
+        cloze = evaluate_cloze(settings, target, ctx, model)
         if ctx.is_main:
-            rows = _shared.cut_rows(model, [(doc, "heldout.jsonl") for doc in corpus], split=True)
-            diagnostics = diagnose(model, args, out, [row.document.text for row in rows], cnf_options)
+            rows = windows.rows_to_score(model, [(doc, "heldout.jsonl") for doc in corpus], split=True)
+            diagnostics = diagnose(model, settings, target, [row.document.text for row in rows])
             headline = headline_rows(scores)
-            results.write_text(readme(headline, diagnostics, cloze, args), out / "README.md")
+            results.write_text(readme(headline, diagnostics, cloze, settings, args.model), out / "README.md")
             show(headline, diagnostics, cloze, args)
     finally:
         distributed.shutdown(ctx)
@@ -128,44 +158,30 @@ def claim_folder(out: Path, settings: dict, overwrite: bool) -> None:
     results.write_text(json.dumps({runner.RUN_KEY: key, "settings": settings}, indent=2, sort_keys=True, default=str) + "\n", manifest)
 
 
-def score_corpus(args, ctx, out: Path, name: str, estimator: str):
-    """``colaprob score heldout.jsonl --split --estimator E ...`` into ``scores_<name>.nc``: the
-    ELBO with the exact trace and ``--elbo-samples``, IWAE with ``--trace`` and ``-K``; without
-    the solver-error solve (``--no-solver-error``), which would multiply the tour's time."""
-    parser = argparse.ArgumentParser()
-    score.add_arguments(parser)
-    trace, samples = ("exact", args.elbo_samples) if estimator == "elbo" else (args.trace, args.samples)
-    options = ["--model", args.model, "--estimator", estimator, "--trace", trace, "-K", samples,
-               "--batch-size", args.batch_size, "--seed", args.seed, "--method", args.method, "--probes", args.probes,
-               "-o", out / f"scores_{name}.nc", *(["--steps", args.steps] if args.steps else ["--rtol", args.rtol, "--atol", args.atol]),
-               "--split", "--no-solver-error", *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else [])]
-    score_args = parser.parse_args([str(out / "heldout.jsonl"), *map(str, options)])
-    job = score.prepare(score_args, ctx)
-    return runner.run(job.plan, job.score_batch, score_args.output, finish=score.finish, ctx=ctx,
-                      overwrite=args.overwrite, progress=not args.quiet, desc=f"scoring ({name})")
+def score_corpus(settings: Settings, target: runs.Target, ctx, name: str, estimator: str):
+    """``colaprob score heldout.jsonl --split --estimator E`` into ``scores_<name>.nc``: the
+    ELBO with the exact trace and ``elbo_samples``, IWAE with the demo's solver and
+    ``samples``; without the solver-error solve, which would multiply the tour's time."""
+    solver, samples = (settings.solver.replace(trace="exact"), settings.elbo_samples) if estimator == "elbo" else (settings.solver, settings.samples)
+    scoring = score.Settings(estimator_name=estimator, samples=samples, batch_size=settings.batch_size, solver=solver, seed=settings.seed, jsonl=True, split=True)
+    return score.execute(scoring, dataclasses.replace(target, output=target.output / f"scores_{name}.nc"), ctx, desc=f"scoring ({name})")
 
 
 CLOZE = "cloze.jsonl"
 
 
-def evaluate_cloze(args, ctx, out: Path, model):
-    """``colaprob eval cloze.jsonl`` into ``cloze.nc`` with the IWAE row's solver settings and
-    ``--cloze-samples``; the file
-    (the task and the model's generations) is written once, by rank 0."""
+def evaluate_cloze(settings: Settings, target: runs.Target, ctx, model):
+    """``colaprob eval cloze.jsonl`` into ``cloze.nc`` with the IWAE row's solver and
+    ``cloze_samples``; the file (the task and the model's generations) is written once, by
+    rank 0."""
     from colaprob.commands import eval as eval_command
 
+    out = target.output
     if ctx.is_main and not (out / CLOZE).exists():
-        write_cloze(model, out / CLOZE, args.cloze_items, args.seed)
+        write_cloze(model, out / CLOZE, settings.cloze_items, settings.seed)
     ctx.barrier()
-    parser = argparse.ArgumentParser()
-    eval_command.add_arguments(parser)
-    options = ["--model", args.model, "--task", "embedded_cloze", "--trace", args.trace, "-K", args.cloze_samples, "--seed", args.seed,
-               "--method", args.method, "--probes", args.probes, "-o", out / "cloze.nc",
-               *(["--steps", args.steps] if args.steps else ["--rtol", args.rtol, "--atol", args.atol]),
-               *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else [])]
-    eval_args = parser.parse_args([str(out / CLOZE), *map(str, options)])
-    job = eval_command.prepare(eval_args, ctx)
-    return runner.run(job.plan, job.score_batch, eval_args.output, finish=job.finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="cloze")
+    evaluation = eval_command.Settings(task="embedded_cloze", samples=settings.cloze_samples, solver=settings.solver, seed=settings.seed)
+    return eval_command.execute(evaluation, dataclasses.replace(target, inputs=(out / CLOZE,), output=out / "cloze.nc"), ctx, desc="cloze")
 
 
 def write_cloze(model, path: Path, n_items: int, seed: int) -> None:
@@ -203,29 +219,33 @@ def write_corpus(path: Path, documents: list) -> None:
     results.write_text("".join(json.dumps({"text": doc.text}) + "\n" for doc in documents), path)
 
 
-def diagnose(model, args, out: Path, texts: list[str], cnf_options: dict) -> dict:
+def diagnose(model, settings: Settings, target: runs.Target, texts: list[str]) -> dict:
     """``colaprob.diagnostics.report`` into ``report/``, unless a finished one is there."""
     from colaprob.diagnostics import report
 
-    folder = out / "report"
+    folder = target.output / "report"
     names = ("decomposition", "probes", "probe_summary", "information_curve", "embedding", "density_slice")
     if (folder / "summary.md").exists():
         return {name: results.read_dataset(folder / f"{name}.nc") for name in names}
     batch = model.frame(texts)
-    options = {
-        "decomposition": {"n_samples": args.diagnostic_samples, "trace": args.trace, "cnf_options": cnf_options},
-        "probes": {"n_posterior": args.diagnostic_samples, "n_prior": args.prior_samples, "trace": args.trace, "cnf_options": cnf_options},
-        "density_slice": {"trace": args.trace, "cnf_options": cnf_options},
+    solver = settings.solver
+    diagnostic_options = {
+        "decomposition": {"n_samples": settings.diagnostic_samples, "solver": solver},
+        "probes": {"n_posterior": settings.diagnostic_samples, "n_prior": settings.prior_samples, "solver": solver},
+        "density_slice": {"solver": solver},
     }
     tokenizer = model.tokenizer
-    return report(model, batch, folder, model_name=args.model, token_label=lambda t: tokenizer.decode([t]), seed=args.seed, options=options, progress=not args.quiet)
+    return report(
+        model, batch, folder, model_name=target.model, token_label=lambda t: tokenizer.decode([t]), seed=settings.seed,
+        options=diagnostic_options, progress=target.progress,
+    )
 
 
 def headline_rows(scores: dict) -> list[dict]:
     rows = []
     for name, ds in scores.items():
-        row = score.summary(ds, "")
-        row["estimator"] = score.short_name(ds) + (" (Hutchinson)" if ds.attrs.get("trace") == "hutchinson" else " (exact trace)")
+        row = output.summary(ds)
+        row["estimator"] = output.short_name(ds) + (" (Hutchinson)" if ds.attrs.get("trace") == "hutchinson" else " (exact trace)")
         rows.append(row)
     return rows
 
@@ -235,17 +255,15 @@ COLUMNS = [("estimator", "estimator"), ("nats_per_token", "nats/token"), ("bits_
 
 
 def _table_rows(headline: list[dict]) -> list[dict]:
-    return [{**row, **{k: _shared.plus_minus(row[k], row[f"{k}_se"]) for k in ("nats_per_token", "bits_per_byte", "token_perplexity")},
-             **({"reliable_fraction": score.khat_cell(row)} if "reliable_fraction" in row else {}),
+    return [{**row, **{k: output.plus_minus(row[k], row[f"{k}_se"]) for k in ("nats_per_token", "bits_per_byte", "token_perplexity")},
+             **({"reliable_fraction": output.khat_cell(row)} if "reliable_fraction" in row else {}),
              **({"solver_error": f"{row['nats_per_token_solver_error']:.1e}"} if "nats_per_token_solver_error" in row else {})}
             for row in headline]
 
 
 def cloze_row(cloze) -> dict:
     """The cloze task's line of ``colaprob eval``'s summary."""
-    from colaprob.commands import eval as eval_command
-
-    return eval_command.summary(cloze)["embedded_cloze"]
+    return output.summary(cloze)["embedded_cloze"]
 
 
 CLOZE_COLUMNS = [("items", "cloze items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"),
@@ -253,40 +271,36 @@ CLOZE_COLUMNS = [("items", "cloze items"), ("acc", "acc (likelihood)"), ("acc_no
 
 
 def _cloze_cells(row: dict) -> dict:
-    cell = lambda key: "-" if not row[f"{key}_items"] else _shared.plus_minus(row[key], row[f"{key}_se"])
+    cell = lambda key: "-" if not row[f"{key}_items"] else output.plus_minus(row[key], row[f"{key}_se"])
     return {"items": row["items"], **{key: cell(key) for key, _ in CLOZE_COLUMNS[1:]}}
 
 
 def show(headline: list[dict], diagnostics: dict, cloze, args) -> None:
-    from colaprob.commands import decompose
-
-    dec = decompose.summary(diagnostics["decomposition"])
+    dec = output.summary(diagnostics["decomposition"])
     if args.json:
-        _shared.print_json({"scores": headline, "decomposition": dec, "cloze": cloze_row(cloze), "output_dir": str(args.output_dir)})
+        output.print_json({"scores": headline, "decomposition": dec, "cloze": cloze_row(cloze), "output_dir": str(args.output_dir)})
         return
     print(f"{headline[0]['sequences']} held-out documents, {headline[0]['tokens']} tokens, model {args.model}")
-    _shared.print_table(_table_rows(headline), COLUMNS)
+    output.print_table(_table_rows(headline), COLUMNS)
     print(
         f"bound: distortion {dec['distortion_nats_per_token']:.4f} + rate {dec['rate_nats_per_token']:.4f} nats/token; "
         f"I_q(X;Z) {dec['mutual_information']:.3f}, KL(q_bar||p) {dec['marginal_kl']:.3f} nats/sequence; "
         f"active units {dec['active_units']}/{dec['channels']}"
     )
     print("held-out cloze (4 choices, chance 0.25): accuracy by likelihood beside accuracy of the model's own generation")
-    _shared.print_table([_cloze_cells(cloze_row(cloze))], CLOZE_COLUMNS)
+    output.print_table([_cloze_cells(cloze_row(cloze))], CLOZE_COLUMNS)
     print(f"report: {args.output_dir / 'README.md'} (figures and NetCDF in {args.output_dir / 'report'})")
 
 
-def readme(headline: list[dict], diagnostics: dict, cloze, args) -> str:
-    from colaprob.commands import decompose
-
-    dec = decompose.summary(diagnostics["decomposition"])
+def readme(headline: list[dict], diagnostics: dict, cloze, settings: Settings, model_name: str) -> str:
+    dec = output.summary(diagnostics["decomposition"])
     head = "| " + " | ".join(h for _, h in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    body = "".join("| " + " | ".join(_shared.format_cell(row.get(k)) for k, _ in COLUMNS) + " |\n" for row in _table_rows(headline))
+    body = "".join("| " + " | ".join(output.format_cell(row.get(k)) for k, _ in COLUMNS) + " |\n" for row in _table_rows(headline))
     return (
-        f"# colaprob demo: {args.model}\n\n"
+        f"# colaprob demo: {model_name}\n\n"
         f"{headline[0]['sequences']} held-out documents of the embedded corpus (`heldout.jsonl`), "
-        f"{headline[0]['tokens']} counted tokens, ELBO K = {args.elbo_samples}, IWAE K = {args.samples}, "
-        f"ODE {args.method} at rtol {args.rtol:g} / atol {args.atol:g}, seed {args.seed}.\n\n"
+        f"{headline[0]['tokens']} counted tokens, ELBO K = {settings.elbo_samples}, IWAE K = {settings.samples}, "
+        f"ODE {settings.solver.label}, seed {settings.seed}.\n\n"
         + head + body +
         "\nELBO is a lower bound; IWAE-K a lower bound in expectation; with the Hutchinson trace the IWAE is "
         "biased (the log-determinant is unbiased, its exponential inside the log-sum-exp is not). Values are "

@@ -25,14 +25,16 @@ import argparse
 import hashlib
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from colaprob import distributed, results, runner, tasks
-from colaprob.commands import _shared
+from colaprob.commands import options, output, runs
 from colaprob.errors import ColaprobError
+from colaprob.estimators.solver import Solver
 
 HELP = "task accuracy: multiple choice by likelihood beside the official string match of the generations (NetCDF)"
 
@@ -40,20 +42,46 @@ HELP = "task accuracy: multiple choice by likelihood beside the official string 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="FILE", help="official-format JSONL files ({id, prompt, ground_truth, generate?, choices?, few_shot_prefix?})")
     parser.add_argument("--task", help="the task's name when there is one FILE (default: the file name's stem, e.g. mmlu); it selects the string-match rule")
-    _shared.add_model_options(parser)
+    options.add_model_options(parser)
     group = parser.add_argument_group("estimator")
-    group.add_argument("-K", "--samples", type=_shared.positive_int, default=16, help="posterior samples per item, shared by its choices (default: 16)")
-    group.add_argument("--chunk-size", type=_shared.positive_int, default=32, help="samples solved together, to bound memory (default: 32)")
-    group.add_argument("--batch-size", type=_shared.positive_int, default=4, help="items per batch and per saved shard (default: 4)")
-    _shared.add_cnf_options(parser)
-    _shared.add_output_options(parser, "eval.nc")
+    group.add_argument("-K", "--samples", type=options.positive_int, default=16, help="posterior samples per item, shared by its choices (default: 16)")
+    group.add_argument("--chunk-size", type=options.positive_int, default=32, help="samples solved together, to bound memory (default: 32)")
+    group.add_argument("--batch-size", type=options.positive_int, default=4, help="items per batch and per saved shard (default: 4)")
+    options.add_solver_options(parser)
+    options.add_output_options(parser, "eval.nc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What ``colaprob eval`` runs with, and its run key: the ``task`` name for a single file
+    (None: the file name's stem), K posterior ``samples`` per item, ``chunk_size`` samples
+    solved together, ``batch_size`` items per batch and saved shard, the prior's ``solver``,
+    the ``seed``."""
+
+    task: str | None = None
+    samples: int = 16
+    chunk_size: int = 32
+    batch_size: int = 4
+    solver: Solver = options.DEFAULT_SOLVER
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        return cls(
+            task=args.task,
+            samples=args.samples,
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            solver=options.solver_from_args(args),
+            seed=args.seed,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
+    settings, target = Settings.from_args(args), runs.Target.from_args(args)
     ctx = distributed.from_environment(args.device)
     try:
-        job = ctx.agree(lambda: prepare(args, ctx))
-        merged = runner.run(job.plan, job.score_batch, args.output, finish=job.finish, ctx=ctx, overwrite=args.overwrite, progress=not args.quiet, desc="items")
+        merged = execute(settings, target, ctx)
     finally:
         distributed.shutdown(ctx)
     if ctx.is_main:
@@ -61,35 +89,62 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare(args, ctx) -> "Job":
+def execute(settings: Settings, target: runs.Target, ctx, desc: str = "items"):
+    """Evaluate ``target``'s task files into ``target.output`` through ``colaprob.runner``, every rank of ``ctx`` together; the merged dataset."""
+    job = ctx.agree(lambda: prepare(settings, target, ctx))
+    return runner.run(job.plan, job.score_batch, target.output, finish=job.finish, ctx=ctx, overwrite=target.overwrite, progress=target.progress, desc=desc)
+
+
+def prepare(settings: Settings, target: runs.Target, ctx) -> "Job":
     """Read and check everything, so a mistake stops the run before any file is written."""
-    if args.task is not None and len(args.inputs) > 1:
-        raise ColaprobError(f"--task names one file's task, but {len(args.inputs)} files were given; run them separately or drop --task.")
-    cnf_options = _shared.cnf_options(args)
-    _shared.check_output_is_not_an_input(args.output, args.inputs)
-    task_list = [tasks.read_official(path, args.task) for path in args.inputs]
+    if settings.task is not None and len(target.inputs) > 1:
+        raise ColaprobError(f"--task names one file's task, but {len(target.inputs)} files were given; run them separately or drop --task.")
+    runs.check_output_is_not_an_input(target.output, target.inputs)
+    task_list = [tasks.read_official(path, settings.task) for path in target.inputs]
     if len({t.name for t in task_list}) < len(task_list):
         raise ColaprobError("two input files have the same task name; give each task once.")
-    model, identity = _shared.load_model(args.model, ctx.device, args.revision, args.download)
+    model, identity = runs.load_model(target, ctx.device)
     items = [(task, item) for task in task_list for item in task.items]
-    check_lengths(model, items)
-    results.check_writable(args.output)
+    widest = check_lengths(model, items)
+    check_memory(model, widest, settings, target, ctx.device)
+    results.check_writable(target.output)
     for task in task_list:  # after the checks, so that a refusal is one line
         for warning in task.warnings:
             print(f"colaprob: warning: {warning}", file=sys.stderr)
-    return Job(args, model, identity, items, cnf_options)
+    return Job(settings, target, model, identity, items)
 
 
-def check_lengths(model, items) -> None:
-    """Refuse, before any work, an item longer than the model's limit."""
+def check_lengths(model, items) -> tuple[int, int]:
+    """Refuse, before any work, an item longer than the model's limit; returns the most
+    rows (choices) of an item and the longest framed row, for the memory check."""
     from colaprob.estimators.continuations import frame_continuations
 
+    rows, tokens = 1, 1
     for task, item in items:
         try:
-            frame_continuations(model, [item.context], [continuations(item)])
+            framed = frame_continuations(model, [item.context], [continuations(item)])
         except ValueError as err:
             length = str(err).split(" is ", 1)[-1].split(";")[0]
             raise ColaprobError(f"{task.name} item {item.id} is {length}; task contexts are not cut, so use a model with a longer context.") from None
+        rows, tokens = max(rows, len(framed.lengths)), max(tokens, int(framed.lengths.max()))
+    return rows, tokens
+
+
+def check_memory(model, widest: tuple[int, int], settings: Settings, target: runs.Target, device) -> None:
+    """Refuse a run whose batch of ``settings.batch_size`` items, each as wide as the widest
+    (``widest``: its rows, all choices of the item in one solve, and their framed length),
+    would not fit in memory (``colaprob.memory``)."""
+    from colaprob import memory
+
+    solver, (rows, tokens) = settings.solver, widest
+    work = memory.Workload(
+        batch=settings.batch_size * rows,
+        tokens=tokens,
+        chunk=min(settings.chunk_size, settings.samples),
+        probes=solver.n_probes if solver.hutchinson else None,
+        vjp_chunk=solver.vjp_chunk,
+    )
+    memory.check_fits(model, work, target.max_memory, device, "the evaluation")
 
 
 def continuations(item: tasks.TaskItem) -> list[str]:
@@ -105,26 +160,22 @@ def fingerprint(items) -> str:
 class Job:
     """Everything ``runner.run`` needs: the items, the model and the settings."""
 
-    def __init__(self, args, model, identity, items, cnf_options):
-        self.args, self.model, self.items, self.cnf_options = args, model, items, cnf_options
+    def __init__(self, settings: Settings, target: runs.Target, model, identity, items):
+        self.settings, self.model, self.items = settings, model, items
         self.n_choices = max(len(item.choices) for _, item in items)
-        settings = {
+        record = {
             **identity,
-            "inputs": [path.name for path in args.inputs],
+            "inputs": [path.name for path in target.inputs],
             "tasks": sorted({task.name for task, _ in items}),
             "input_fingerprint": fingerprint(items),
-            "K": args.samples,
-            "chunk_size": args.chunk_size,
-            "trace": args.trace,
-            **cnf_options,
-            "seed": args.seed,
+            **runs.run_record(settings),
         }
-        self.plan = runner.Plan(settings, n_items=len(items), batch_size=args.batch_size)
+        self.plan = runner.Plan(record, n_items=len(items), batch_size=settings.batch_size)
 
     def score_batch(self, positions: range) -> xr.Dataset:
+        s = self.settings
         chosen = [self.items[i] for i in positions]
-        options = dict(seed=self.args.seed, chunk_size=self.args.chunk_size, trace=self.args.trace, **self.cnf_options)
-        return score_items(self.model, chosen, self.args.samples, positions, self.n_choices, **options)
+        return score_items(self.model, chosen, s.samples, positions, self.n_choices, seed=s.seed, chunk_size=s.chunk_size, solver=s.solver)
 
     def finish(self, merged: xr.Dataset) -> xr.Dataset:
         """``finish`` with what each item is: its task and its id in the file. (Added to the
@@ -132,21 +183,21 @@ class Job:
         return with_labels(merged, [self.items[i] for i in merged["sequence"].values])
 
 
-def score_items(model, chosen, n_samples: int, item_ids, n_choices: int, **options) -> xr.Dataset:
+def score_items(model, chosen, n_samples: int, item_ids, n_choices: int, **estimator_options) -> xr.Dataset:
     """The scores of ``chosen`` ``(task, item)`` pairs over ``sequence`` (see ``batch_dataset``)."""
     from colaprob.estimators.continuations import continuation_log_prob
 
     contexts, scored = [item.context for _, item in chosen], [continuations(item) for _, item in chosen]
-    ds = continuation_log_prob(model, contexts, scored, n_samples, item_ids=list(item_ids), **options)
+    ds = continuation_log_prob(model, contexts, scored, n_samples, item_ids=list(item_ids), **estimator_options)
     return batch_dataset(ds, chosen, n_choices)
 
 
-def evaluate(model, task: tasks.Task, n_samples: int = 16, **options) -> xr.Dataset:
+def evaluate(model, task: tasks.Task, n_samples: int = 16, **estimator_options) -> xr.Dataset:
     """What ``colaprob eval`` computes for one task, in this process (no files): the dataset
-    over ``item`` and ``choice``. ``options``: ``seed``, ``chunk_size``, ``trace`` and the CNF
-    options of ``continuation_log_prob``."""
+    over ``item`` and ``choice``. ``estimator_options``: ``seed``, ``chunk_size`` and the ``solver``
+    (or its fields as keywords) of ``continuation_log_prob``."""
     chosen = [(task, item) for item in task.items]
-    ds = score_items(model, chosen, n_samples, range(len(chosen)), max(len(i.choices) for i in task.items), **options)
+    ds = score_items(model, chosen, n_samples, range(len(chosen)), max(len(i.choices) for i in task.items), **estimator_options)
     return with_labels(ds, chosen)
 
 
@@ -228,22 +279,13 @@ DESCRIPTIONS = {
 # The summary
 
 
-def summary(ds: xr.Dataset) -> dict:
-    """``colaprob.tasks.summarise`` as a dict: task -> {items, acc, acc_se, acc_items, ...}."""
-    table = tasks.summarise(ds)
-    return {
-        str(task): {"items": int(table["items"].sel(task=task)), **{name: table[name].sel(task=task).item() for name in table.data_vars if name != "items"}}
-        for task in table["task"].values
-    }
-
-
 def report(ds: xr.Dataset, args) -> None:
-    table = summary(ds)
+    table = output.summary(ds)
     if args.json:
-        _shared.print_json({"tasks": table, "estimator": ds.attrs.get("estimator", ""), "output": str(args.output)})
+        output.print_json({"tasks": table, "estimator": ds.attrs.get("estimator", ""), "output": str(args.output)})
         return
-    cell = lambda e, key: "-" if not e[f"{key}_items"] else (_shared.plus_minus(e[key], e[f"{key}_se"]) if e[f"{key}_items"] > 1 else f"{e[key]:.4f}")
+    cell = lambda e, key: "-" if not e[f"{key}_items"] else (output.plus_minus(e[key], e[f"{key}_se"]) if e[f"{key}_items"] > 1 else f"{e[key]:.4f}")
     rows = [{"task": task, "items": e["items"], **{key: cell(e, key) for key in ("acc", "acc_norm", "gen_acc", "disagree", "prefers_generation")}} for task, e in table.items()]
     columns = [("task", "task"), ("items", "items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"), ("disagree", "disagree"), ("prefers_generation", "log p prefers own generation")]
-    _shared.print_table(rows, columns)
+    output.print_table(rows, columns)
     print(f"K={ds.attrs.get('K')} posterior samples per item; ± is the standard error over items; results: {args.output}")

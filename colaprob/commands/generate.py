@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from colaprob.commands import _shared
+from colaprob.commands import options
 from colaprob.data import MODES, read_documents
 from colaprob.errors import ColaprobError
 from colaprob.generate import Sampling, generate
@@ -18,14 +18,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", help="a file of prompts: one per line, or JSONL with 'prompt' (or 'text')")
     parser.add_argument("--mode", choices=MODES, default="auto", help="how --prompts is read (default: by extension)")
     defaults = Sampling()
-    parser.add_argument("--max-new-tokens", type=_shared.positive_int, default=defaults.max_new_tokens, help=f"default {defaults.max_new_tokens}")
-    parser.add_argument("--steps", type=_shared.positive_int, default=defaults.steps, help=f"Euler steps per block (default {defaults.steps})")
-    parser.add_argument("--guidance", type=_shared.finite_float, default=defaults.guidance, help=f"classifier-free guidance scale (default {defaults.guidance})")
-    parser.add_argument("--temperature", type=_shared.finite_float, default=defaults.temperature, help="0 is greedy decoding (default)")
-    parser.add_argument("--top-k", type=_shared.positive_int, help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=_shared.finite_float, help="sample only among the most likely tokens whose probability reaches p")
-    parser.add_argument("--seed", type=_shared.seed, default=0, help="seed of the noise and the sampling, in [0, 2**63) (default 0)")
-    _shared.add_threads_option(parser)
+    parser.add_argument("--max-new-tokens", type=options.positive_int, default=defaults.max_new_tokens, help=f"default {defaults.max_new_tokens}")
+    parser.add_argument("--steps", type=options.positive_int, default=defaults.steps, help=f"Euler steps per block (default {defaults.steps})")
+    parser.add_argument("--guidance", type=options.finite_float, default=defaults.guidance, help=f"classifier-free guidance scale (default {defaults.guidance})")
+    parser.add_argument("--temperature", type=options.finite_float, default=defaults.temperature, help="0 is greedy decoding (default)")
+    parser.add_argument("--top-k", type=options.positive_int, help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=options.finite_float, help="sample only among the most likely tokens whose probability reaches p")
+    parser.add_argument("--seed", type=options.seed, default=0, help="seed of the noise and the sampling, in [0, 2**63) (default 0)")
+    options.add_threads_option(parser)
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt instead of text")
 
 

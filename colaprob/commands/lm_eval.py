@@ -13,10 +13,11 @@ per task, every document's requests with colaprob's answers (``resps``), as JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from colaprob.commands import _shared
+from colaprob.commands import options, output
 from colaprob.errors import ColaprobError
 
 HELP = "run lm-evaluation-harness tasks (multiple choice, rolling perplexity, generation) on a colaprob model"
@@ -28,14 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-args",
         default="",
         help="comma-separated k=v model arguments of colaprob.lm_eval.Settings, e.g. model=tiny,samples=16,seed=0,"
-        "method=euler,steps=8 (default: the embedded model, K=16, dopri5)",
+        "method=euler,steps=8,trace=hutchinson,n_probes=2 (default: the embedded model, K=16, dopri5)",
     )
     parser.add_argument("--include-path", type=Path, default=None, help="folder of extra task YAML files")
-    parser.add_argument("--num-fewshot", type=_shared.non_negative_int, default=None, help="few-shot examples per item (default: the task's)")
-    parser.add_argument("--limit", type=_shared.positive_int, default=None, help="at most this many documents per task (for a quick look)")
+    parser.add_argument("--num-fewshot", type=options.non_negative_int, default=None, help="few-shot examples per item (default: the task's)")
+    parser.add_argument("--limit", type=options.positive_int, default=None, help="at most this many documents per task (for a quick look)")
     parser.add_argument("-o", "--output", type=Path, default=Path("lm_eval.json"), help="result file, JSON (default: lm_eval.json)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of the table")
-    _shared.add_threads_option(parser)
+    options.add_threads_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,13 +64,13 @@ def run(args: argparse.Namespace) -> int:
         model=model, tasks=tasks, task_manager=manager, num_fewshot=args.num_fewshot, limit=args.limit, log_samples=True
     )
     record = {
-        "colaprob_settings": vars(model.settings),
+        "colaprob_settings": dataclasses.asdict(model.settings),
         "results": results["results"],
         "samples": {task: [_sample(s) for s in samples] for task, samples in results.get("samples", {}).items()},
     }
     args.output.write_text(json.dumps(record, indent=1, default=str))
     if args.json:
-        _shared.print_json({"results": results["results"], "output": str(args.output)})
+        output.print_json({"results": results["results"], "output": str(args.output)})
         return 0
     rows = []
     for task, metrics in results["results"].items():
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(value, (int, float)) and not name.endswith("_stderr") and name != "alias":
                 stderr = metrics.get(key.replace(name, f"{name}_stderr", 1))
                 rows.append({"task": task, "metric": name, "value": float(value), "stderr": _number(stderr)})
-    _shared.print_table(rows, [("task", "task"), ("metric", "metric"), ("value", "value"), ("stderr", "± stderr")])
+    output.print_table(rows, [("task", "task"), ("metric", "metric"), ("value", "value"), ("stderr", "± stderr")])
     print(f"results: {args.output}")
     return 0
 

@@ -11,50 +11,81 @@ over the corpus (the probes draw their noise for the whole corpus at once).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-import numpy as np
 import xarray as xr
 
-from colaprob.commands import _shared
+from colaprob.commands import options, output, runs
+from colaprob.estimators.solver import Solver
 
 HELP = "per-token probes: decoder probe, posterior/prior hit, generation probability, density percentile (NetCDF)"
-PROBES = ("decoder_probe", "posterior_hit", "prior_hit", "generation_prob")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What ``colaprob probe`` runs with, and its run key: ``posterior_samples`` per sequence,
+    teacher-forced ``prior_samples`` per block, ``batch_size`` sequences per model call, the
+    prior's ``solver``, the ``seed``, and how the inputs are read."""
+
+    posterior_samples: int = 16
+    prior_samples: int = 16
+    batch_size: int = 4
+    solver: Solver = options.DEFAULT_SOLVER
+    seed: int = 0
+    per_line: bool = False
+    jsonl: bool = False
+    split: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "Settings":
+        return cls(
+            posterior_samples=args.posterior_samples,
+            prior_samples=args.prior_samples,
+            batch_size=args.batch_size,
+            solver=options.solver_from_args(args),
+            seed=args.seed,
+            per_line=args.per_line,
+            jsonl=args.jsonl,
+            split=args.split,
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _shared.add_input_options(parser)
-    _shared.add_model_options(parser)
+    options.add_input_options(parser)
+    options.add_model_options(parser)
     group = parser.add_argument_group("probes")
-    group.add_argument("--posterior-samples", type=_shared.positive_int, default=16, help="posterior draws per sequence (default: 16)")
-    group.add_argument("--prior-samples", type=_shared.positive_int, default=16, help="teacher-forced prior draws per block (default: 16)")
-    group.add_argument("--batch-size", type=_shared.positive_int, default=4, help="sequences per model call; does not change the numbers (default: 4)")
-    _shared.add_cnf_options(parser)
-    _shared.add_output_options(parser, "probes.nc")
+    group.add_argument("--posterior-samples", type=options.positive_int, default=16, help="posterior draws per sequence (default: 16)")
+    group.add_argument("--prior-samples", type=options.positive_int, default=16, help="teacher-forced prior draws per block (default: 16)")
+    group.add_argument("--batch-size", type=options.positive_int, default=4, help="sequences per model call (default: 4)")
+    options.add_solver_options(parser)
+    options.add_output_options(parser, "probes.nc")
 
 
 def run(args: argparse.Namespace) -> int:
-    from colaprob.diagnostics import probes
+    ds = execute(Settings.from_args(args), runs.Target.from_args(args), args.device)
+    if ds is not None:
+        report(ds, args)
+    return 0
 
-    cnf_options = _shared.cnf_options(args)
-    settings = {"n_posterior": args.posterior_samples, "n_prior": args.prior_samples, "trace": args.trace, **cnf_options}
+
+def execute(settings: Settings, target: runs.Target, device: str = "auto"):
+    """The probes of ``target``'s corpus into ``target.output``; the dataset on rank 0."""
+    from colaprob.diagnostics import probes
 
     def compute(model, batch):
         return probes(
             model,
             batch,
-            n_posterior=args.posterior_samples,
-            n_prior=args.prior_samples,
-            batch_size=args.batch_size,
-            trace=args.trace,
-            seed=args.seed,
-            cnf_options=cnf_options,
-            progress=not args.quiet,
+            n_posterior=settings.posterior_samples,
+            n_prior=settings.prior_samples,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            solver=settings.solver,
+            progress=target.progress,
         )
 
-    ds = _shared.run_whole_corpus(args, "probes", compute, settings, finish=with_summary)
-    if ds is not None:
-        report(ds, args)
-    return 0
+    samples = max(settings.posterior_samples, settings.prior_samples)
+    return runs.run_whole_corpus(settings, target, device, "probes", compute, samples=samples, finish=with_summary)
 
 
 def with_summary(ds: xr.Dataset) -> xr.Dataset:
@@ -67,27 +98,13 @@ def with_summary(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
-def summary(ds: xr.Dataset) -> dict:
-    valid = ds["valid"].values.astype(bool)
-    row = {name: float(np.mean(ds[name].values[valid])) for name in PROBES}
-    row.update(
-        sequences=int(ds.sizes["sequence"]),
-        tokens=int(valid.sum()),
-        density_percentile_mean=float(ds["density_percentile_mean"]),
-        high_nll_generated_fraction=float(ds["high_nll_generated_fraction"]),
-        low_nll_missed_fraction=float(ds["low_nll_missed_fraction"]),
-        spearman_nll_prior_hit=float(ds["spearman_nll_prior_hit"]),
-    )
-    return row
-
-
 def report(ds: xr.Dataset, args) -> None:
-    row = summary(ds)
+    row = output.summary(ds)
     if args.json:
-        _shared.print_json({**row, "output": str(args.output)})
+        output.print_json({**row, "output": str(args.output)})
         return
-    columns = [(k, k.replace("_", " ")) for k in ("sequences", "tokens", *PROBES)]
-    _shared.print_table([row], columns)
+    columns = [(k, k.replace("_", " ")) for k in ("sequences", "tokens", *output.PROBES)]
+    output.print_table([row], columns)
     print(
         f"high-NLL tokens still generated: {row['high_nll_generated_fraction']:.1%}; low-NLL tokens missed: "
         f"{row['low_nll_missed_fraction']:.1%}; Spearman(NLL, prior hit) = {row['spearman_nll_prior_hit']:.2f}; "

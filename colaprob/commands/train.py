@@ -18,8 +18,8 @@ import typing
 
 import torch
 
-from colaprob.commands import _shared
-from colaprob.config import DiTConfig, VAEConfig
+from colaprob.commands import options
+from colaprob.config import ByteNetwork
 from colaprob.data import MODES, Document, chunk_paragraph, embedded_corpus, read_documents
 from colaprob.errors import ColaprobError
 from colaprob.memory import available_bytes, human
@@ -29,27 +29,6 @@ from colaprob.train import TrainConfig, init_weights, train
 
 HELP = "train a byte-level Cola model (Text VAE, then VAE + DiT prior) on the embedded corpus or your files"
 
-# The network options and what they set: (option, config field, default, help).
-VAE_OPTIONS = [
-    ("--latent-dim", "latent_dim", 16, "latent channels d"),
-    ("--patch-size", "patch_size", 1, "tokens per latent position"),
-    ("--vae-dim", "dim", 128, "VAE width"),
-    ("--vae-heads", "num_heads", 4, "VAE attention heads"),
-    ("--vae-ffn-dim", "ffn_dim", 512, "VAE SwiGLU width (before halving)"),
-    ("--vae-blocks", None, 2, "transformer blocks of the encoder and of the decoder, each"),
-    ("--vae-block-size", "block_size", 4, "VAE attention block, in latent positions"),
-]
-DIT_OPTIONS = [
-    ("--dit-width", "txt_dim", 128, "DiT width"),
-    ("--dit-heads", "heads", 2, "DiT attention heads"),
-    ("--dit-head-dim", "head_dim", 64, "DiT head width"),
-    ("--dit-rope-dim", "rope_dim", 48, "rotated channels per DiT head"),
-    ("--dit-layers", "num_layers", 3, "DiT blocks"),
-    ("--dit-expand", "expand_ratio", 4, "DiT MLP width / DiT width"),
-    ("--dit-block-size", "block_size", 4, "DiT (generation) block, in latent positions"),
-]
-
-
 def add_arguments(parser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--out", required=True, help="folder the trained model is saved to")
@@ -57,12 +36,11 @@ def add_arguments(parser) -> None:
     data.add_argument("--train", help="training documents (text or JSONL; default: the embedded train split)")
     data.add_argument("--heldout", help="held-out documents (default: the embedded held-out split)")
     data.add_argument("--mode", choices=MODES, default="auto", help="how --train and --heldout are read (see colaprob.data)")
-    _shared.add_threads_option(data)
+    options.add_threads_option(data)
 
     net = parser.add_argument_group("model")
-    for option, _, default, help in VAE_OPTIONS + DIT_OPTIONS:
-        net.add_argument(option, type=network_size, default=default, help=f"{help} (default {default})")
-    net.add_argument("--max-tokens", type=network_size, default=64, help="longest framed sequence, in tokens (default 64)")
+    for f in dataclasses.fields(ByteNetwork):
+        net.add_argument("--" + f.name.replace("_", "-"), type=network_size, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
     net.add_argument("--decoder-space", choices=DECODER_SPACES, default="vae", help="latents the decoder reads (default vae)")
 
     run = parser.add_argument_group("training")
@@ -71,57 +49,46 @@ def add_arguments(parser) -> None:
         option = "--" + f.name.replace("_", "-")
         kind = _parse_floats if f.name == "block_size_probs" else OPTION_TYPES.get(hints[f.name], hints[f.name])
         if f.name == "seed":
-            kind = _shared.seed
+            kind = options.seed
         run.add_argument(option, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
 
 
 def _parse_floats(text: str) -> tuple[float, ...]:
-    return tuple(_shared.finite_float(x) for x in text.split(","))
+    return tuple(options.finite_float(x) for x in text.split(","))
 
 
 MAX_NETWORK_SIZE = 1 << 16
 """Widths, head counts, layer counts and contexts above 65,536 are refused: such a model would
 not be trained on one machine, and building its layers could take hours before failing."""
-OPTION_TYPES = {float: _shared.finite_float, int: _shared.non_negative_int}
+OPTION_TYPES = {float: options.finite_float, int: options.non_negative_int}
 TRAINING_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and Adam's two moments
 
 
 def network_size(text: str) -> int:
-    value = _shared.positive_int(text)
+    value = options.positive_int(text)
     if value > MAX_NETWORK_SIZE:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_NETWORK_SIZE:,}; got {value:,}")
     return value
 
 
-def build_model(args) -> ColaModel:
-    """A freshly initialised byte-level model with the network options of ``args``."""
+def build_model(network: ByteNetwork = ByteNetwork(), decoder_space: str = "vae", seed: int = 0) -> ColaModel:
+    """A freshly initialised byte-level model of ``network``'s shape (default: the embedded
+    model's), refused in one sentence when its training state would not fit in memory."""
     tokenizer = byte_level_tokenizer()
-    vae_fields = {name: getattr(args, opt[2:].replace("-", "_")) for opt, name, _, _ in VAE_OPTIONS if name}
-    vae = VAEConfig(
-        vocab_size=tokenizer.vocab_size,
-        encoder_num_blocks=args.vae_blocks,
-        decoder_num_blocks=args.vae_blocks,
-        **vae_fields,
-    )
-    dit_fields = {name: getattr(args, opt[2:].replace("-", "_")) for opt, name, _, _ in DIT_OPTIONS}
-    dit = DiTConfig(
-        txt_in_channels=args.latent_dim, txt_out_channels=args.latent_dim, emb_dim=args.dit_width, **dit_fields
-    )
+    vae, dit = network.configs(tokenizer.vocab_size)
     framing = Framing(
-        bos_id=None, eos_id=tokenizer.token_to_id(END_OF_TEXT), pad_id=tokenizer.token_to_id(PAD), max_tokens=args.max_tokens
+        bos_id=None, eos_id=tokenizer.token_to_id(END_OF_TEXT), pad_id=tokenizer.token_to_id(PAD), max_tokens=network.max_tokens
     )
-    vae.validate("the VAE options")
-    dit.validate("the DiT options")
     with torch.device("meta"):  # count the parameters before allocating them
-        n_parameters = sum(p.numel() for p in ColaModel(vae, dit, tokenizer, framing, decoder_space=args.decoder_space).parameters())
+        n_parameters = sum(p.numel() for p in ColaModel(vae, dit, tokenizer, framing, decoder_space=decoder_space).parameters())
     free = available_bytes("cpu")
     if free is not None and n_parameters * TRAINING_BYTES_PER_PARAMETER > free:
         raise ColaprobError(
             f"these network options make {n_parameters:,} parameters, whose weights, gradients and optimizer state "
             f"({human(n_parameters * TRAINING_BYTES_PER_PARAMETER)}) exceed the free memory ({human(free)}); choose a smaller network."
         )
-    model = ColaModel(vae, dit, tokenizer, framing, decoder_space=args.decoder_space)
-    init_weights(model, args.seed)
+    model = ColaModel(vae, dit, tokenizer, framing, decoder_space=decoder_space)
+    init_weights(model, seed)
     return model
 
 
@@ -153,7 +120,8 @@ def command_line(args) -> str:
 
 def run(args) -> int:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    model = build_model(args)
+    network = ByteNetwork(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ByteNetwork)})
+    model = build_model(network, args.decoder_space, args.seed)
     # A byte per token, room for the eos, and the framed length stays a whole number of blocks.
     multiple = model.patch_size * model.block_size
     max_bytes = args.max_tokens // multiple * multiple - 1

@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 
 from colaprob import results
-from colaprob.commands import _shared
+from colaprob.commands import options, output
 from colaprob.errors import ColaprobError
 
 HELP = "draw the figure of a diagnostics NetCDF file (decompose, probe, report) as PNG, PDF or SVG"
@@ -33,17 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="png (raster, --dpi), pdf or svg (vector) (default: the suffix of --output if it is one of these, else png)",
     )
-    parser.add_argument("--sequence", type=_shared.non_negative_int, default=0, help="probes: the sequence to draw (default: 0)")
+    parser.add_argument("--sequence", type=options.non_negative_int, default=0, help="probes: the sequence to draw (default: 0)")
     parser.add_argument("--model", default=None, help="label tokens with this model's tokenizer (default: the model named in the file)")
     parser.add_argument("--no-labels", action="store_true", help="label tokens by id; load no model")
-    parser.add_argument("--dpi", type=_shared.positive_int, default=110, help="resolution of a PNG (default: 110)")
+    parser.add_argument("--dpi", type=options.positive_int, default=110, help="resolution of a PNG (default: 110)")
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     ds = results.read_dataset(args.file)
     kind = ds.attrs.get("diagnostic") or _guess(ds)
-    label = None if args.no_labels else token_label(args.model or ds.attrs.get("model"))
+    # The file's own model at the snapshot it was scored with; --model as given.
+    label = None if args.no_labels else token_label(args.model or ds.attrs.get("model"), None if args.model else ds.attrs.get("model_revision"))
     figures = draw(kind, ds, args.sequence, label)
     suffix_format = args.output.suffix.lower().lstrip(".") if args.output is not None else ""
     fmt = args.format or (suffix_format if suffix_format in FORMATS else "png")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         figure.savefig(buffer, format=fmt, dpi=args.dpi)
         written.append(str(results.write_bytes(buffer.getvalue(), path)))
     if args.json:
-        _shared.print_json({"diagnostic": kind, "figures": written})
+        output.print_json({"diagnostic": kind, "figures": written})
     else:
         print("\n".join(f"wrote {path}" for path in written))
     return 0
@@ -89,13 +90,16 @@ def draw(kind: str, ds, sequence: int, label) -> dict:
     return {"": drawers[kind](ds)}
 
 
-def token_label(model_name: str | None):
-    """``token id -> text`` from the model's tokenizer, or None (ids) without a model."""
+def token_label(model_name: str | None, revision: str | None = None):
+    """``token id -> text`` from the model's tokenizer (a Hugging Face name at ``revision``,
+    from the local cache), or None (ids) without a model."""
     if not model_name:
         return None
     import colaprob
+    from colaprob import hub
 
-    tokenizer = colaprob.load(model_name).tokenizer
+    path = hub.resolve(model_name, revision) if hub.is_repo_id(model_name) else model_name
+    tokenizer = colaprob.load(path).tokenizer
     return lambda token: tokenizer.decode([token])
 
 

@@ -1,0 +1,196 @@
+"""Running a command over a corpus: where it reads and writes (``Target``), the run key made
+from its settings (``run_record``), the model with its identity, the checks before any work
+(``preflight``), and the whole-corpus diagnostics' run.
+
+A command's settings are one frozen dataclass (``score.Settings``, ``eval.Settings``, ...):
+what it runs with and, by ``run_record``, the key that decides whether an existing result
+may be resumed or read back. Every field is in the key, so a setting cannot be left out of
+it by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from colaprob.commands.options import MAX_SAMPLES
+from colaprob.errors import ColaprobError
+from colaprob.estimators.solver import Solver
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """What a run reads and writes, and where: ``inputs``, the ``output`` file, the ``model``
+    (a folder, ORG/NAME with ``revision`` and ``download``, or ``tiny``), ``max_memory``
+    (bytes; None: the device's free memory), ``overwrite`` an existing result made with
+    other settings, ``progress`` bars. Not part of the run key: the model and the inputs
+    enter it through their hashes, the rest do not change a number."""
+
+    inputs: tuple[Path, ...]
+    output: Path
+    model: str = "tiny"
+    revision: str | None = None
+    download: bool = False
+    max_memory: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args) -> "Target":
+        return cls(
+            inputs=tuple(args.inputs),
+            output=args.output,
+            model=args.model,
+            revision=args.revision,
+            download=args.download,
+            max_memory=args.max_memory,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+
+
+def run_record(settings) -> dict:
+    """Every field of a command's ``settings`` dataclass, a ``Solver``'s fields inline (by
+    their own names), as the run key's entries."""
+    record = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        record |= value.to_record() if isinstance(value, Solver) else {f.name: value}
+    return record
+
+
+def load_model(target: Target, device):
+    """``colaprob.load`` of ``target.model`` in float32 evaluation mode on ``device``, plus its
+    identity: ``{"model": name, "model_config_hash": ..., "model_weights_hash": ...}`` (and
+    the snapshot's ``model_revision`` for a Hugging Face name, ``colaprob.hub``)."""
+    import colaprob
+    from colaprob import hub
+    from colaprob.checkpoint import config_hash, weights_hash
+
+    name = target.model
+    identity = {"model": str(name)}
+    if hub.is_repo_id(name):
+        path = hub.resolve(name, target.revision, download=target.download)
+        identity["model_revision"] = path.name  # the snapshot folder is named by its commit
+    elif target.revision is not None or target.download:
+        raise ColaprobError(f"--revision and --download are for Hugging Face names (ORG/NAME), not for {name!r}.")
+    else:
+        path = name
+    model = colaprob.load(path)
+    identity |= {"model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
+    model = model.to(device).eval()
+    return model, identity
+
+
+def preflight(
+    model, rows: Sequence, target: Target, device, what: str, *, solver: Solver, samples: int, chunk: int, batch: int, longest: int | None = None
+) -> None:
+    """The checks of the settings against the model and the corpus, before any work: the
+    sample count, the Hutchinson probes (more than ``block_size * latent_dim`` would cost
+    more than the exact trace), an output that is one of the inputs, and the estimated peak
+    memory of one batch of ``batch`` rows, ``chunk`` samples at a time (``colaprob.memory``)
+    against ``--max-memory`` or the free memory. ``longest``: the longest sequence one solve
+    sees, when it is not a row's framed length (the rolling chain scores a long document one
+    window pair at a time)."""
+    from colaprob import memory
+    from colaprob.windows import framed_length_fn
+
+    if samples > MAX_SAMPLES:
+        raise ColaprobError(f"{samples:,} samples is more than the {MAX_SAMPLES:,} (2**20) colaprob takes; a run that large would not finish.")
+    exact_cost = model.block_size * model.latent_dim
+    if solver.hutchinson and solver.n_probes > exact_cost:
+        raise ColaprobError(
+            f"--probes {solver.n_probes} is more than block_size x latent_dim = {exact_cost}, the vector-Jacobian products of "
+            "the exact trace; use --trace exact, which is cheaper and has no variance."
+        )
+    check_output_is_not_an_input(target.output, target.inputs)
+    framed_length = framed_length_fn(model)
+    tokens = longest or max(framed_length(row.document.text, row.document.prompt) for row in rows)
+    work = memory.Workload(
+        batch=min(batch, len(rows)),
+        tokens=tokens,
+        chunk=min(chunk, samples),
+        probes=solver.n_probes if solver.hutchinson else None,
+        vjp_chunk=solver.vjp_chunk,
+    )
+    memory.check_fits(model, work, target.max_memory, device, what)
+
+
+def check_output_is_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output (or its run folder) that is one of the input files: writing the
+    result would destroy the text it is computed from."""
+    target = Path(output).resolve()
+    for path in inputs:
+        if str(path) != "-" and Path(path).resolve() in (target, target.with_name(target.name + ".run")):
+            raise ColaprobError(f"the output {output} is the input file {path}; choose another --output, or the input would be overwritten.")
+
+
+def row_variables(rows: Sequence) -> dict:
+    """What each row is, as variables over ``sequence``: ``document`` (its index in the
+    input), ``window`` (0 unless split), ``source`` (file name), ``text``, and ``prompt``
+    for pairs."""
+    variables = {
+        "document": ("sequence", np.array([row.index for row in rows])),
+        "window": ("sequence", np.array([row.window for row in rows])),
+        "source": ("sequence", np.array([row.source for row in rows], dtype=object)),
+        "text": ("sequence", np.array([row.document.text for row in rows], dtype=object)),
+    }
+    if rows and rows[0].document.prompt is not None:
+        variables["prompt"] = ("sequence", np.array([row.document.prompt for row in rows], dtype=object))
+    return variables
+
+
+def run_whole_corpus(settings, target: Target, device_name: str, name: str, compute: Callable, *, samples: int, finish: Callable = lambda ds: ds, min_sequences: int = 1):
+    """Run a corpus-level diagnostic (``compute(model, batch) -> Dataset`` over ``sequence``)
+    on the plain texts of ``target.inputs`` as one batch through ``colaprob.runner``: the
+    same checks, provenance, atomic output and refusal of other settings as ``score``, the
+    run key made from ``settings`` (which must have ``per_line``, ``jsonl``, ``split``,
+    ``batch_size``, ``seed`` and ``solver``). A diagnostic such as the aggregate posterior
+    needs every sequence at once, so it is not split into shards. Returns the dataset on
+    rank 0, else None."""
+    from colaprob import distributed
+
+    ctx = distributed.from_environment(device_name)
+    try:
+        return ctx.agree(lambda: _prepare_whole_corpus(settings, target, ctx, name, compute, samples, finish, min_sequences))()
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _prepare_whole_corpus(settings, target, ctx, name, compute, samples, finish, min_sequences):
+    """Every check of ``run_whole_corpus``; returns the run itself, to start once every rank
+    has passed them."""
+    from colaprob import data, results, runner, windows
+
+    documents = data.read_inputs(target.inputs, per_line=settings.per_line, jsonl=settings.jsonl)
+    if any(doc.prompt is not None for doc, _ in documents):
+        raise ColaprobError(f"{name} takes plain texts, but the input holds prompt-response pairs.")
+    model, identity = load_model(target, ctx.device)
+    rows = windows.rows_to_score(model, documents, settings.split)
+    if len(rows) < min_sequences:
+        raise ColaprobError(
+            f"{name} needs at least {min_sequences} documents, but the input holds {len(rows)}; "
+            "give more text (--per-line makes every line a document)."
+        )
+    preflight(model, rows, target, ctx.device, name, solver=settings.solver, samples=samples, chunk=samples, batch=settings.batch_size)
+    results.check_writable(target.output)
+    record = {
+        **identity,
+        "inputs": [path.name for path in target.inputs],
+        "input_fingerprint": data.fingerprint([row.document for row in rows]),
+        "diagnostic": name,
+        **run_record(settings),
+        "device_type": ctx.device.type,
+        "windows": windows.windows_note(rows),
+    }
+    plan = runner.Plan(record, n_items=len(rows), batch_size=len(rows))
+
+    def compute_all(items: range):
+        batch = model.frame([rows[i].document.text for i in items])
+        return compute(model, batch).assign(row_variables(rows))
+
+    return lambda: runner.run(plan, compute_all, target.output, finish=finish, ctx=ctx, overwrite=target.overwrite, progress=False)
