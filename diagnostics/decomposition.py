@@ -20,8 +20,9 @@ block_size`` latent positions), ``W`` = the fewest blocks of any sequence by def
 block-causal prior makes ``log p_psi`` of that window the sum of its first ``W`` block
 conditionals -- an exact marginal, out of the same solve as the whole sequence -- and the
 posterior factorises over positions, so the window's ``log q_i`` is exact too. Distortion and
-rate are reported for whole sequences as well (they make the ELBO); the identity is checked
-on the window rate.
+rate are reported for whole sequences as well: they are sums of the per-sample, per-block
+terms of ``colaprob.estimators.draws`` (the draws of ``elbo``), so distortion + rate = -ELBO
+by construction; the identity is checked on the window rate.
 
 **The MI estimate is capped.** ``log q_i - log q_bar <= log N`` because ``q_bar >= q_i / N``,
 so the estimate never exceeds ``log N``: it is the mutual information of the *empirical* data
@@ -44,12 +45,9 @@ import torch
 import xarray as xr
 from torch import Tensor
 
-from colaprob.diagnostics._latent import (
-    chunks,
-    prior_block_log_prob,
-    standard_normal,
-)
-from colaprob.estimators import cnf
+from colaprob.diagnostics._latent import chunks
+from colaprob.estimators import cnf, streams
+from colaprob.estimators.draws import draw
 from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import LatentModel, TokenBatch
 
@@ -96,27 +94,23 @@ def decompose(
     if not 1 <= w <= int(blocks.min()):
         raise ValueError(f"window_blocks must be in [1, {int(blocks.min())}] (the shortest sequence), got {w}")
     w_pos = w * model.block_size
-    eps = standard_normal(model, batch, n_samples, seed)
+    keys = streams.sequence_keys(batch)
 
     distortion, rate, lq_w, lp_w, means, z_w, mean_w, logvar_w = ([] for _ in range(8))
     for rows in chunks(n_seq, batch_size, "decompose", progress):
         sub = batch.select(rows)
-        with torch.no_grad():
-            q = model.posterior(sub)
-            z = q.sample(eps[:, rows, : q.mean.shape[-2]].to(q.mean.dtype))
-            log_px = model.decoder_log_prob(z, sub).double()
-        layout = LatentLayout.of(model, sub)
-        lq_blk = layout.per_block(q.log_prob(z))
-        lp_blk = prior_block_log_prob(model, z, lengths=layout.blocks() * model.block_size, seed=seed, solver=solver)
-        valid = layout.block_mask()
-        distortion.append(-(log_px * layout.token_mask()).sum(-1))
-        rate.append(((lq_blk - lp_blk) * valid).sum(-1))
+        # The draws of colaprob.estimators.elbo (the same streams); all K solved together.
+        drawn = draw(model, sub, n_samples, seed=seed, keys=keys[rows], chunk_size=n_samples, solver=solver, per_block=True, keep_latents=True)
+        lq_blk, lp_blk = (drawn.blocks[name].transpose(0, 1) for name in ("posterior", "prior"))  # [K, B, n_blocks]
+        q, z = drawn.proposal, drawn.latents
+        distortion.append(-drawn.per_sample["decoder"].T)
+        rate.append((lq_blk - lp_blk).sum(-1))  # sum_b of the terms whose sums make the ELBO
         lq_w.append(lq_blk[..., :w].sum(-1))
         lp_w.append(lp_blk[..., :w].sum(-1))
         z_w.append(z[..., :w_pos, :].double())
         mean_w.append(q.mean[:, :w_pos].double())
         logvar_w.append(q.logvar[:, :w_pos].double())
-        pos_valid = valid.repeat_interleave(model.block_size, -1)
+        pos_valid = LatentLayout.of(model, sub).block_mask().repeat_interleave(model.block_size, -1)
         means.append(q.mean.double()[pos_valid])
 
     cat = lambda xs: torch.cat(xs, dim=-1)  # noqa: E731 -- per-sample values are [K, B]

@@ -46,6 +46,7 @@ from colaprob.diagnostics._latent import (
     standard_normal,
 )
 from colaprob.estimators import cnf, streams
+from colaprob.estimators.draws import draw
 from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import LatentModel, TokenBatch
 
@@ -85,13 +86,14 @@ def probes(
     n_blk = grid.n_blocks
     # Per-sequence random streams: the numbers do not depend on ``batch_size``, and the
     # posterior draws are those of ``colaprob.estimators.elbo`` with this seed.
-    eps = standard_normal(model, batch, n_posterior, seed)
+    keys = streams.sequence_keys(batch)
     prior_noise = standard_normal(model, batch, n_prior, seed, stream=streams.PRIOR_SAMPLE)
     layout = _layout(n_seq, n_tok, n_blk, n_prior)
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
     for rows in chunks(n_seq, batch_size, "probes", progress):
-        noise = (eps[:, rows], prior_noise[:, rows])
-        for name, value in _probe_chunk(model, batch.select(rows), noise, seed, solver, sampler).items():
+        sub = batch.select(rows)
+        drawn = draw(model, sub, n_posterior, seed=seed, keys=keys[rows], chunk_size=n_posterior, solver=solver, per_block=True, keep_latents=True)
+        for name, value in _probe_chunk(model, sub, drawn, prior_noise[:, rows], seed, solver, sampler).items():
             out[name][..., rows, : value.shape[-1]] = value
     valid, bvalid = grid.token_mask(), grid.block_mask()
     ds = xr.Dataset(
@@ -142,24 +144,23 @@ def _layout(n_seq: int, n_tok: int, n_blk: int, n_prior: int) -> dict:
     }
 
 
-def _probe_chunk(model, batch, noise, seed, solver, sampler) -> dict:
+def _probe_chunk(model, batch, drawn, prior_noise, seed, solver, sampler) -> dict:
     """The probes of one sub-batch as float64 arrays (token and block axes as long as its
-    longest sequence). ``noise``: standard-normal draws for the posterior samples and for the
-    prior sampler, [n_posterior, B, >= L, d] and [n_prior, B, >= L, d]."""
+    longest sequence). ``drawn``: its posterior draws and their weight terms per block
+    (``colaprob.estimators.draws``); ``prior_noise``: standard-normal draws for the prior
+    sampler, [n_prior, B, >= L, d]."""
     ids, layout = batch.ids, LatentLayout.of(model, batch)
     with torch.no_grad():
-        q = model.posterior(batch)
-        mean = q.mean
+        mean = drawn.proposal.mean
         n_pos = mean.shape[-2]
         n_blk = n_pos // model.block_size
         decoder_probe = model.decoder_logits(mean, batch).argmax(-1) == ids
 
         # Posterior side: the whole latent from q(z|x).
-        z_post = q.sample(noise[0][:, :, :n_pos].to(mean.dtype))
-        post_logp, post_argmax = decode_gold(model, z_post, batch)
+        post_argmax = model.decoder_logits(drawn.latents, batch).argmax(-1)
 
         # Prior side: block b from p_psi(. | gold history), decoded with the rest at the mean.
-        z_prior = prior_samples(model, mean, noise[1][:, :, :n_pos], sampler=sampler)
+        z_prior = prior_samples(model, mean, prior_noise[:, :, :n_pos], sampler=sampler)
         position_block = torch.arange(mean.shape[-2]) // model.block_size
         token_block = layout.block_of_token()
         prior_hit = torch.zeros(ids.shape, dtype=torch.float64)
@@ -172,10 +173,9 @@ def _probe_chunk(model, batch, noise, seed, solver, sampler) -> dict:
             generation_prob[:, tokens] = logp.exp().mean(0)[:, tokens]
 
     # Prior densities need autograd (the CNF divergence), so they sit outside no_grad.
-    lq_blk = layout.per_block(q.log_prob(z_post))
     density = dict(lengths=layout.blocks() * model.block_size, seed=seed, solver=solver)
-    block_prior = prior_block_log_prob(model, z_post, **density)
-    block_kl = (lq_blk - block_prior).mean(0)
+    block_prior = drawn.blocks["prior"].transpose(0, 1)  # [K, B, n_blocks], the ELBO's own terms
+    block_kl = (drawn.blocks["posterior"].transpose(0, 1) - block_prior).mean(0)
     gold_log_prob = prior_block_log_prob(model, mean, **density)
     sample_log_prob = prior_block_log_prob(model, z_prior, history=mean, **density)
     values = {
@@ -183,7 +183,7 @@ def _probe_chunk(model, batch, noise, seed, solver, sampler) -> dict:
         "posterior_hit": (post_argmax == ids).double().mean(0),
         "prior_hit": prior_hit,
         "generation_prob": generation_prob,
-        "token_log_prob": post_logp.mean(0),
+        "token_log_prob": drawn.sums["token_decoder"] / drawn.n_samples[:, None].double(),
         "block_kl_share": block_kl[:, token_block] / layout.tokens_per_block,
         "block_kl": block_kl,
         "block_prior_log_prob": block_prior.mean(0),

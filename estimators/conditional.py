@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from colaprob.estimators import _checks, _importance, cnf, statistics, streams, units
+from colaprob.estimators import _checks, cnf, statistics, streams, units
+from colaprob.estimators.draws import check_arguments, describe, draw, weights_dataset
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
@@ -68,14 +69,14 @@ def conditional(
     ``direct_applies``.
     """
     solver = cnf.Solver.build(solver, **solver_keywords)
-    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
+    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     keys = streams.sequence_keys(batch, sequence_ids)
     prefix = _checks.integer_tensor("prefix_tokens", prefix_tokens, (len(batch),), minimum=0, maximum=batch.ids.shape[1]).long()
     if ((prefix < 0) | (prefix > batch.lengths)).any():
         raise ValueError("prefix_tokens must lie between 0 and each sequence's length")
     options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
-    draws = _importance.draw(model, batch, n_samples, keys=keys, prefix_tokens=prefix, **options)
-    ds = _importance.weights_dataset(draws, keys, draws.log_weight)
+    draws = draw(model, batch, n_samples, keys=keys, prefix_tokens=prefix, **options)
+    ds = weights_dataset(draws, keys, draws.log_weight)
     s = draws.per_sample
     ds["log_weight_prefix"] = (("sequence", "sample"), (s["decoder_prefix"] + s["prior_prefix"] - s["posterior_prefix"]).numpy())
     ds["prefix_tokens"] = ("sequence", prefix.numpy())
@@ -98,7 +99,7 @@ def conditional(
         ds = ds.merge(_direct(model, batch, keys, prefix, n_samples, options, ds.sizes["sample"]))
     if response is not None:
         ds = units.with_units(ds, *(np.asarray(getattr(response, name)) for name in units.COUNTS))
-    ds = _importance.describe(ds, model, draws, ESTIMATOR.format(K=n_samples), seed, chunk_size)
+    ds = describe(ds, model, draws, ESTIMATOR.format(K=n_samples), seed, chunk_size)
     if direct:
         ds.attrs["direct_estimator"] = DIRECT_ESTIMATOR.format(K=n_samples)
     return ds
@@ -113,7 +114,7 @@ def _direct(model, batch, keys, prefix, n_samples, options, width) -> xr.Dataset
     log_weight = torch.full((len(batch), width), math.nan, dtype=torch.float64)
     error = torch.full((len(batch), width), math.nan, dtype=torch.float64)
     if len(rows):
-        draws = _importance.draw(model, batch.select(rows), n_samples, keys=keys[rows], pinned=prefix[rows] // model.patch_size, **options)
+        draws = draw(model, batch.select(rows), n_samples, keys=keys[rows], pinned=prefix[rows] // model.patch_size, **options)
         log_weight[rows, :n_samples] = draws.log_weight
         if "prior_solver_error" in draws.per_sample:
             error[rows, :n_samples] = draws.per_sample["prior_solver_error"]

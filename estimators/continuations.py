@@ -50,6 +50,8 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.estimators import cnf, statistics, streams
+from colaprob.estimators.draws import marginal_terms
+from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import DiagonalGaussian, TokenBatch, to_prior_space
 
 ESTIMATOR = "IWAE-{K} log p(context + continuation) - IWAE-{K} log p(context), marginal over later tokens, on common random numbers (consistent, not a bound)"
@@ -244,15 +246,14 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
         q = model.posterior(rows)
     device, dtype = q.mean.device, q.mean.dtype
     L = q.mean.shape[-2]
-    position, token = torch.arange(L), torch.arange(N)
-    covering = lambda n: -(-(-(-n // P)) // bs)  # prior blocks covering the first n tokens
+    layout = LatentLayout.of(model, rows)
     shared_blocks = batch.context_tokens // (P * bs) if share_context else torch.zeros(R, dtype=torch.long)
-    shared = position < (shared_blocks * bs)[:, None]  # [R, L]
+    shared = layout.position_mask(shared_blocks * bs)  # [R, L]
     first_row = _first_rows(batch)  # [n_items] the row that stands for each item
     if shared.any():
         q = _with_context_posterior(model, batch, q, shared_blocks, first_row)
     row_keys = keys[batch.item]
-    latent_lengths = -(-rows.lengths // P)
+    latent_lengths = layout.positions()
     eps = streams.draws(seed, streams.POSTERIOR, row_keys, indices, latent_lengths, d)
     eps = torch.nn.functional.pad(eps, (0, 0, 0, L - eps.shape[-2])).to(device, dtype)
     probes = None
@@ -265,15 +266,13 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
         posterior = q.log_prob(z).cpu()  # [k, R, L]
     u = to_prior_space(model, z)
     options = dict(seed=seed, solver=solver)
-    block_prior, settings = _block_prior(model, u, probes, shared_blocks, covering(batch.total_tokens), batch, first_row, cost, options)
-    n_blocks = block_prior.shape[-1]
+    block_prior, settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), batch, first_row, cost, options)
     block_prior = block_prior + bs * d * math.log(abs(model.latent_scale))  # on z, per whole block
 
+    block_posterior = layout.per_block(posterior)
+
     def log_weight(n_tokens: Tensor) -> Tensor:
-        blocks = covering(n_tokens)
-        dec = (decoder * (token < n_tokens[:, None])).sum(-1)
-        prior = (block_prior * (torch.arange(n_blocks) < blocks[:, None])).sum(-1)
-        post = (posterior * (position < (blocks * bs)[:, None])).sum(-1)
+        dec, prior, post = marginal_terms(layout, decoder, block_prior, block_posterior, n_tokens)
         return dec + prior - post
 
     return log_weight(batch.total_tokens), log_weight(batch.context_tokens), settings

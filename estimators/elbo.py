@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import xarray as xr
 
-from colaprob.estimators import _importance, cnf, statistics, streams
+from colaprob.estimators import cnf, statistics, streams
+from colaprob.estimators.draws import check_arguments, draw, summarise
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "ELBO (lower bound)"
@@ -43,9 +44,9 @@ def elbo(
     estimate).
     """
     solver = cnf.Solver.build(solver, **solver_keywords)
-    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
+    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     keys = streams.sequence_keys(batch, sequence_ids)
-    draws = _importance.draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, solver=solver)
+    draws = draw(model, batch, n_samples, seed=seed, keys=keys, chunk_size=chunk_size, solver=solver)
     mean = lambda log_weight: log_weight.mean("sample")
-    return _importance.summarise(model, batch, keys, draws, mean, statistics.mean_se, ESTIMATOR, seed, chunk_size)
+    return summarise(model, batch, keys, draws, mean, statistics.mean_se, ESTIMATOR, seed, chunk_size)
 

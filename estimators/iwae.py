@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import xarray as xr
 
-from colaprob.estimators import _checks, _importance, cnf, statistics, streams
+from colaprob.estimators import _checks, cnf, statistics, streams
+from colaprob.estimators.draws import check_arguments, draw, summarise
 from colaprob.protocol import LatentModel, TokenBatch
 
 
@@ -36,12 +37,12 @@ def iwae(
     log-weights beyond it).
     """
     solver = cnf.Solver.build(solver, **solver_keywords)
-    _importance.check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
+    check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     if max_samples is not None and _checks.integer("max_samples", max_samples, minimum=1) < n_samples:
         raise ValueError(f"max_samples ({max_samples}) must be at least n_samples ({n_samples})")
     keys = streams.sequence_keys(batch, sequence_ids)
     options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
-    draws = _importance.draw(model, batch, n_samples, keys=keys, **options)
+    draws = draw(model, batch, n_samples, keys=keys, **options)
     while max_samples is not None:
         log_weight = xr.DataArray(draws.log_weight.numpy(), dims=("sequence", "sample"))
         khat = statistics.pareto_khat(log_weight).values
@@ -51,10 +52,10 @@ def iwae(
             break
         for K in draws.n_samples[grow].unique().tolist():  # rows with equal K continue together
             rows = torch.nonzero(grow & (draws.n_samples == K))[:, 0]
-            more = _importance.draw(model, batch.select(rows), K, keys=keys[rows], start=K, **options)
+            more = draw(model, batch.select(rows), K, keys=keys[rows], start=K, **options)
             draws = draws.extend(rows, more)
     estimator = f"IWAE-{int(draws.n_samples.max())} (lower bound in expectation)"
-    ds = _importance.summarise(model, batch, keys, draws, statistics.log_mean_exp, statistics.log_mean_exp_se, estimator, seed, chunk_size, weighted=True)
+    ds = summarise(model, batch, keys, draws, statistics.log_mean_exp, statistics.log_mean_exp_se, estimator, seed, chunk_size, weighted=True)
     ds["reliable"] = ds["khat"] < ds["khat_threshold"]
     return ds
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import colaprob
-from colaprob.estimators import _importance, cnf
+from colaprob.estimators import draws, cnf
 from colaprob.estimators.continuations import ContinuationBatch, continuation_log_prob, frame_continuations, score_continuations
 
 from test_elbo_iwae import FIXED, _quadrature_model
@@ -68,7 +68,7 @@ def test_shared_context_equals_the_independent_per_choice_joint_on_the_same_draw
     assert shared.attrs["share_context"] == 1 and alone.attrs["share_context"] == 0
 
 
-def test_per_choice_weights_are_the_prefix_marginal_weights_of_the_importance_draws(cola):
+def test_per_choice_weights_are_the_prefix_marginal_weights_of_thedraws_draws(cola):
     """The independent path is the conditional estimator's weights: the first n tokens'
     decoder terms and the prior / posterior of the blocks covering them."""
     contexts, choices = _cola_items()
@@ -77,7 +77,7 @@ def test_per_choice_weights_are_the_prefix_marginal_weights_of_the_importance_dr
     ds = score_continuations(cola, batch, 4, item_ids=keys.tolist(), share_context=False, method="euler", steps=3)
     rows, row_keys = batch.token_batch(), keys[batch.item]
     for n, name in ((batch.total_tokens, "log_weight"), (batch.context_tokens, "log_weight_context")):
-        d = _importance.draw(cola, rows, 4, seed=0, keys=row_keys, prefix_tokens=n, solver=cnf.Solver(method="euler", steps=3))
+        d = draws.draw(cola, rows, 4, seed=0, keys=row_keys, prefix_tokens=n, solver=cnf.Solver(method="euler", steps=3))
         ref = (d.per_sample["decoder_prefix"] + d.per_sample["prior_prefix"] - d.per_sample["posterior_prefix"]).numpy()
         assert np.allclose(ds[name].values[batch.item, batch.choice], ref, rtol=0, atol=1e-4), name
 

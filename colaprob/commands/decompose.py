@@ -18,33 +18,21 @@ HELP = "where the bound goes: distortion, rate, I_q(X;Z), KL(q_bar || p_psi), ac
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(runs.Reading):
     """What ``colaprob decompose`` runs with, and its run key: K posterior ``samples`` per
     sequence, the ``window_blocks_requested`` of q_bar (None: the fewest blocks of any
     sequence; the result's attribute ``window_blocks`` records the value used), ``batch_size`` sequences per
-    model call, the prior's ``solver``, the ``seed``, and how the inputs are read."""
+    model call, the prior's ``solver``, the ``seed``, and how the inputs are read (``runs.Reading``)."""
 
     samples: int = 8
     window_blocks_requested: int | None = None
     batch_size: int = 16
     solver: Solver = options.DEFAULT_SOLVER
     seed: int = 0
-    per_line: bool = False
-    jsonl: bool = False
-    split: bool = False
 
     @classmethod
     def from_args(cls, args) -> "Settings":
-        return cls(
-            samples=args.samples,
-            window_blocks_requested=args.window_blocks,
-            batch_size=args.batch_size,
-            solver=options.solver_from_args(args),
-            seed=args.seed,
-            per_line=args.per_line,
-            jsonl=args.jsonl,
-            split=args.split,
-        )
+        return runs.settings_from_args(cls, args, solver=options.solver_from_args(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-K", "--samples", type=options.positive_int, default=8, help="posterior samples per sequence (default: 8)")
     group.add_argument(
         "--window-blocks",
+        dest="window_blocks_requested",
         type=options.positive_int,
         default=None,
         help="leading prior blocks on which q_bar is defined (default: the fewest blocks of any sequence)",

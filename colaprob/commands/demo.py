@@ -68,8 +68,7 @@ class Settings:
 
     @classmethod
     def from_args(cls, args) -> "Settings":
-        own = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "solver"}
-        return cls(**own, solver=options.solver_from_args(args, SOLVER))
+        return runs.settings_from_args(cls, args, solver=options.solver_from_args(args, SOLVER))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -67,14 +67,7 @@ class Settings:
 
     @classmethod
     def from_args(cls, args) -> "Settings":
-        return cls(
-            task=args.task,
-            samples=args.samples,
-            chunk_size=args.chunk_size,
-            batch_size=args.batch_size,
-            solver=options.solver_from_args(args),
-            seed=args.seed,
-        )
+        return runs.settings_from_args(cls, args, solver=options.solver_from_args(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,32 +22,20 @@ HELP = "per-token probes: decoder probe, posterior/prior hit, generation probabi
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(runs.Reading):
     """What ``colaprob probe`` runs with, and its run key: ``posterior_samples`` per sequence,
     teacher-forced ``prior_samples`` per block, ``batch_size`` sequences per model call, the
-    prior's ``solver``, the ``seed``, and how the inputs are read."""
+    prior's ``solver``, the ``seed``, and how the inputs are read (``runs.Reading``)."""
 
     posterior_samples: int = 16
     prior_samples: int = 16
     batch_size: int = 4
     solver: Solver = options.DEFAULT_SOLVER
     seed: int = 0
-    per_line: bool = False
-    jsonl: bool = False
-    split: bool = False
 
     @classmethod
     def from_args(cls, args) -> "Settings":
-        return cls(
-            posterior_samples=args.posterior_samples,
-            prior_samples=args.prior_samples,
-            batch_size=args.batch_size,
-            solver=options.solver_from_args(args),
-            seed=args.seed,
-            per_line=args.per_line,
-            jsonl=args.jsonl,
-            split=args.split,
-        )
+        return runs.settings_from_args(cls, args, solver=options.solver_from_args(args))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,6 +53,24 @@ class Target:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Reading:
+    """The part of a command's settings that says how text inputs become documents:
+    ``per_line`` (every non-blank line of a text file its own document), ``jsonl`` (every
+    input read as JSONL whatever its name) and ``split`` (texts over the model's context cut
+    into independent windows). A command's settings dataclass inherits it."""
+
+    per_line: bool = False
+    jsonl: bool = False
+    split: bool = False
+
+
+def settings_from_args(cls, args, **given):
+    """A command's settings (dataclass ``cls``) from the parsed options of the same names;
+    ``given``: the fields that are not an option of their own name (the solver, ...)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}, **given)
+
+
 def run_record(settings) -> dict:
     """Every field of a command's ``settings`` dataclass, a ``Solver``'s fields inline (by
     their own names), as the run key's entries."""

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(runs.Reading):
     """What ``colaprob score`` runs with, and its run key. ``estimator_name``: elbo, iwae,
     conditional or rolling (None: conditional for prompt-response pairs, elbo for texts);
     ``samples``: K per document; ``max_samples``: iwae's cap for doubling K; ``chunk_size``:
@@ -110,7 +110,7 @@ class Settings:
     ``direct``: pairs also get the direct conditional; ``solver``: the prior's solver
     (``solver_error``: estimate each number's solver error); ``target_error``: tighten the
     solver until every document's estimated error is below it (nats); ``seed``; how the
-    inputs are read (``per_line``, ``jsonl``) and windowed (``split``)."""
+    inputs are read and windowed (``runs.Reading``)."""
 
     estimator_name: str | None = None
     samples: int = 16
@@ -121,30 +121,15 @@ class Settings:
     solver: Solver = SOLVER
     target_error: float | None = None
     seed: int = 0
-    per_line: bool = False
-    jsonl: bool = False
-    split: bool = False
 
     @classmethod
     def from_args(cls, args) -> "Settings":
         if args.rolling and args.estimator not in (None, "rolling"):
             raise ColaprobError(f"--rolling is its own estimator; drop --estimator {args.estimator}.")
         estimator = "rolling" if args.rolling else args.estimator
-        return cls(
-            estimator_name=estimator,
-            samples=args.samples,
-            max_samples=args.max_samples,
-            chunk_size=args.chunk_size,
-            batch_size=args.batch_size,
-            direct=not args.no_direct,
-            # The rolling chain's continuation scores do not estimate the solver error yet.
-            solver=options.solver_from_args(args, SOLVER, solver_error=not args.no_solver_error and estimator != "rolling"),
-            target_error=args.target_error,
-            seed=args.seed,
-            per_line=args.per_line,
-            jsonl=args.jsonl,
-            split=args.split,
-        )
+        # The rolling chain's continuation scores do not estimate the solver error yet.
+        solver = options.solver_from_args(args, SOLVER, solver_error=not args.no_solver_error and estimator != "rolling")
+        return runs.settings_from_args(cls, args, estimator_name=estimator, direct=not args.no_direct, solver=solver)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,13 +1,20 @@
-"""Posterior draws and the terms of their importance weights: the core of ELBO, IWAE and
-prefix-response scoring.
+"""Posterior draws and every term of their importance weights, per sequence: the one engine
+under ELBO, IWAE, the conditional and task scores, the decomposition and the probes.
 
-Sample ``k`` of a sequence is ``z_k = mean + std * eps_k`` from ``q_phi(z | x)``, and
+Sample ``k`` of a sequence is ``z_k = mean + std * eps_k`` from the proposal (``q_phi(z | x)``
+unless another is given), and per sample, in float64,
 
-    log w_k = log p_theta(x | z_k) + log p_psi(z_k) - log q_phi(z_k | x),
+* ``decoder``: ``log p_theta(x | z_k)`` over the counted tokens (``< batch.lengths``);
+* ``block_prior`` [n_blocks]: ``log p_psi(z_k^(b) | z_k^(<b))`` on ``z``: the block-causal
+  CNF on ``u = to_prior_space(z)`` plus ``d log|scale|`` per integrated latent position;
+* ``block_posterior`` [n_blocks]: ``log q(z_k^(b) | x)`` over the block's sampled positions,
 
-with the decoder terms of the counted tokens (``< batch.lengths``), the prior by the
-block-causal CNF on ``u = to_prior_space(z)`` plus ``d log|scale|`` per integrated latent
-position (blocks at or beyond a sequence's length never count), all in float64.
+so that ``log w_k = decoder + sum_b block_prior - sum_b block_posterior``. The estimators are
+sums of these arrays: ELBO and IWAE average ``log w``; the marginal of the first ``n``
+tokens (the conditional's prefix) takes their decoder terms and the blocks covering them
+(``colaprob.estimators.layout``); the decomposition's distortion is ``-decoder`` and its rate
+``sum_b (block_posterior - block_prior)``, so ``distortion + rate = -ELBO`` holds by
+construction, not by a test.
 
 Randomness: ``eps_k`` of a sequence and its Hutchinson probes come from its own streams
 (``colaprob.estimators.streams``), so a sequence gets the same numbers whatever batch, shard,
@@ -18,7 +25,7 @@ differ, within the tolerance; fixed-step solvers reproduce exactly). K is proces
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +33,8 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.estimators import _checks, cnf, statistics, streams, units
-from colaprob.protocol import TokenBatch, to_prior_space
+from colaprob.estimators.layout import LatentLayout
+from colaprob.protocol import DiagonalGaussian, TokenBatch, to_prior_space
 
 def check_arguments(model, batch: TokenBatch, n_samples: int, *, seed: int, chunk_size: int) -> None:
     """Refuse, with one sentence naming the argument, what the estimators cannot compute:
@@ -62,7 +70,7 @@ def check_batch(batch: TokenBatch) -> None:
 
 @dataclass
 class Draws:
-    """Weight terms of the draws of a batch.
+    """The weight terms of the draws of a batch of ``B`` sequences.
 
     ``per_sample``: name -> [B, K] float64, NaN beyond a row's ``n_samples``: ``decoder``,
     ``prior`` and ``posterior`` (``log p(x|z)``, ``log p(z)``, ``log q(z|x)`` over the counted
@@ -70,8 +78,12 @@ class Draws:
     ``posterior_prefix`` (prefix tokens; prior blocks covering them), and for Hutchinson
     ``prior_probe_se``, and with the solver error ``prior_solver_error`` (and
     ``prior_prefix_solver_error``). ``sums``: name -> [B, ...] sums over a row's samples:
-    ``token_decoder`` [B, N], ``block_prior`` [B, n_blocks] (and ``block_prior_solver_error``). ``integrated``: [B, n_blocks] the prior blocks and
-    ``counted_tokens``: [B, N] the tokens that count.
+    ``token_decoder`` [B, N], ``block_prior`` [B, n_blocks] (and ``block_prior_solver_error``).
+    ``blocks`` (with ``per_block``): ``prior`` and ``posterior`` [B, K, n_blocks] per sample
+    and block, of which ``per_sample``'s are the sums. ``latents`` (with ``keep_latents``):
+    the draws ``z`` [K, B, L, d]; ``proposal``: the distribution they came from.
+    ``integrated``: [B, n_blocks] the prior blocks and ``counted_tokens``: [B, N] the tokens
+    that count.
     """
 
     per_sample: dict[str, Tensor]
@@ -81,6 +93,9 @@ class Draws:
     n_samples: Tensor
     nfe: int
     settings: dict
+    blocks: dict[str, Tensor] = field(default_factory=dict)
+    latents: Tensor | None = None
+    proposal: DiagonalGaussian | None = None
 
     @property
     def log_weight(self) -> Tensor:
@@ -89,7 +104,7 @@ class Draws:
 
     def extend(self, rows: Tensor, more: "Draws") -> "Draws":
         """Append ``more``, drawn for the sequences ``rows`` with the sample indices that
-        follow theirs."""
+        follow theirs (the per-sample terms and sums; not ``blocks`` or ``latents``)."""
         n = self.n_samples.clone()
         n[rows] += more.n_samples
         per_sample = {}
@@ -109,6 +124,15 @@ class Draws:
         return Draws(per_sample, sums, self.integrated, self.counted_tokens, n, self.nfe + more.nfe, settings)
 
 
+def marginal_terms(layout: LatentLayout, decoder: Tensor, block_prior: Tensor, block_posterior: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The decoder, prior and posterior terms of the marginal of the first ``tokens`` [B]
+    tokens: their decoder terms and the prior and posterior of the blocks covering them.
+    ``decoder`` [..., B, N] (0 where a token does not count), ``block_prior`` and
+    ``block_posterior`` [..., B, n_blocks]; each term [..., B]."""
+    covering = layout.block_mask(tokens)
+    return (decoder * layout.token_mask(tokens)).sum(-1), (block_prior * covering).sum(-1), (block_posterior * covering).sum(-1)
+
+
 def draw(
     model,
     batch: TokenBatch,
@@ -121,6 +145,8 @@ def draw(
     solver: cnf.Solver,
     prefix_tokens: Tensor | None = None,
     pinned: Tensor | None = None,
+    per_block: bool = False,
+    keep_latents: bool = False,
 ) -> Draws:
     """Samples ``start .. start + n_samples - 1`` of every sequence and their weight terms,
     the prior's density solved by ``solver``.
@@ -128,38 +154,34 @@ def draw(
     ``prefix_tokens`` [B]: also the terms of the prefix marginal. ``pinned`` [B] latent
     positions: hold the latents before it at the posterior mean, give them to the prior as
     clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
-    and the latents from ``pinned`` on (the direct conditional).
+    and the latents from ``pinned`` on (the direct conditional). ``per_block``: also keep
+    every sample's per-block prior and posterior terms; ``keep_latents``: also the draws.
     """
     check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     _checks.integer("start", start, minimum=0)
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     B, N = batch.ids.shape
+    layout = LatentLayout.of(model, batch)
     with torch.no_grad():
         q = model.posterior(batch)
     device, dtype = q.mean.device, q.mean.dtype
     L = q.mean.shape[-2]
-    n_blocks = -(-L // bs)
-    lengths = -(-batch.lengths // P)  # latent positions per sequence
+    lengths, n_blocks = layout.positions(), layout.n_blocks  # latent positions per sequence; blocks
     pinned = torch.zeros(B, dtype=torch.long) if pinned is None else torch.as_tensor(pinned).long()
-    position, token = torch.arange(L), torch.arange(N)
-    sampled = (position >= pinned[:, None]) & (position < lengths[:, None])  # [B, L]
-    counted_tokens = (token >= pinned[:, None] * P) & (token < batch.lengths[:, None])  # [B, N]
-    log_scale = math.log(abs(model.latent_scale))
-    sampled_per_block = cnf._per_block(sampled.double(), bs)  # [B, n_blocks]
-    jacobian = sampled_per_block * d * log_scale
+    sampled = ~layout.position_mask(pinned) & layout.position_mask(lengths)  # [B, L]
+    counted_tokens = ~layout.token_mask(pinned * P) & layout.token_mask()  # [B, N]
+    sampled_per_block = layout.per_block(sampled.double())  # [B, n_blocks]
+    jacobian = sampled_per_block * d * math.log(abs(model.latent_scale))
     if prefix_tokens is not None:
         prefix_tokens = torch.as_tensor(prefix_tokens).long().expand(B)
-        covering_blocks = -(-(-(-prefix_tokens // P)) // bs)  # ceil(ceil(tokens / P) / bs)
-        prefix_blocks = torch.arange(n_blocks) < covering_blocks[:, None]
-        prefix_positions = sampled & (position < covering_blocks[:, None] * bs)
-        prefix_token_mask = counted_tokens & (token < prefix_tokens[:, None])
+        prefix_blocks = layout.block_mask(prefix_tokens)  # the blocks covering the prefix
     hutchinson, with_error = solver.hutchinson, solver.solver_error
 
     per_sample: dict[str, list[Tensor]] = {}
     sums = {"token_decoder": torch.zeros(B, N, dtype=torch.float64), "block_prior": torch.zeros(B, n_blocks, dtype=torch.float64)}
     if with_error:
         sums["block_prior_solver_error"] = torch.zeros(B, n_blocks, dtype=torch.float64)
-    nfe, error_nfe = 0, 0
+    nfe, error_nfe, per_block_terms, latents = 0, 0, {}, []
     for k0 in range(start, start + n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, start + n_samples))
         eps = streams.draws(seed, streams.POSTERIOR, keys, indices, lengths, d).to(device, dtype)
@@ -185,16 +207,15 @@ def draw(
         )
         nfe, error_nfe = nfe + r.nfe, error_nfe + r.error_nfe
         block_prior = r.block_logp.cpu() + jacobian  # [k, B, n_blocks], on z
-        block_posterior = cnf._per_block(posterior * sampled, bs)
+        block_posterior = layout.per_block(posterior * sampled)
         terms = {
             "decoder": (decoder * counted_tokens).sum(-1),
             "prior": block_prior.sum(-1),
             "posterior": block_posterior.sum(-1),
         }
         if prefix_tokens is not None:
-            terms["decoder_prefix"] = (decoder * prefix_token_mask).sum(-1)
-            terms["prior_prefix"] = (block_prior * prefix_blocks).sum(-1)
-            terms["posterior_prefix"] = (posterior * prefix_positions).sum((-1))
+            prefix = marginal_terms(layout, decoder * counted_tokens, block_prior, block_posterior, prefix_tokens)
+            terms |= dict(zip(("decoder_prefix", "prior_prefix", "posterior_prefix"), prefix))
         if hutchinson:
             terms["prior_probe_se"] = r.logp_se.cpu()
         if with_error:
@@ -207,6 +228,11 @@ def draw(
             per_sample.setdefault(name, []).append(value.T)
         sums["token_decoder"] += (decoder * counted_tokens).sum(0)
         sums["block_prior"] += block_prior.sum(0)
+        if per_block:
+            for name, value in (("prior", block_prior), ("posterior", block_posterior)):
+                per_block_terms.setdefault(name, []).append(value.transpose(0, 1))
+        if keep_latents:
+            latents.append(z)
     settings = solver.to_attrs()
     if with_error:
         settings["solver_error_nfe"] = error_nfe
@@ -218,6 +244,9 @@ def draw(
         n_samples=torch.full((B,), n_samples, dtype=torch.long),
         nfe=nfe,
         settings=settings,
+        blocks={name: torch.cat(parts, 1) for name, parts in per_block_terms.items()},
+        latents=torch.cat(latents) if keep_latents else None,
+        proposal=q,
     )
 
 
