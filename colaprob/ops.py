@@ -59,7 +59,7 @@ class _LayerNorm(torch.autograd.Function):
     def backward(ctx, g):
         x_hat, r, weight = _LayerNorm._normalised(ctx)
         gw = g if weight is None else g * weight
-        dx = r * (gw - _mean(gw) - x_hat * _mean(gw * x_hat))
+        dx = (gw - _mean(gw) - x_hat * _mean(gw * x_hat)) * r
         dw = (g * x_hat).sum(_leading(g)) if ctx.needs_input_grad[1] else None
         db = g.sum(_leading(g)) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None
@@ -160,3 +160,4 @@ def _leading(x: Tensor) -> tuple[int, ...]:
 def _mean(x: Tensor) -> Tensor:
     """Mean over the last dimension as a sum (vmap has a batching rule for sum, not mean)."""
     return x.sum(-1, keepdim=True) / x.shape[-1]
+
