@@ -141,17 +141,17 @@ def synchronised(fn, device):
     return call
 
 
-def measure(args, config: DiTConfig, device) -> None:
-    torch.manual_seed(0)
-    models = {"new": DiT(config).to(device).eval()}
+def measure(args, dit: DiT, label: str, lengths: list[int], vjps: int | None, extrapolate: bool, device) -> None:
+    config = dit.config
+    models = {"new": dit.to(device).eval()}
     if args.reference:
         models["today"] = reference_dit(Path(args.reference))(config).to(device).eval()
         models["today"].load_state_dict(models["new"].state_dict())
     n_colours = config.block_size * config.txt_in_channels
-    vjps = min(args.vjps or n_colours, n_colours)
+    vjps = min(vjps or n_colours, n_colours)
     scale = args.official_layers / config.num_layers
     rows = []
-    for L in args.lengths:
+    for L in lengths:
         cases = {name: Case(dit, L, device) for name, dit in models.items()}
         tasks = {
             "velocity": lambda case: case.velocity(),
@@ -170,26 +170,27 @@ def measure(args, config: DiTConfig, device) -> None:
                     row["s all VJPs"] = velocity + (n_colours / vjps) * (seconds - velocity)
                 else:
                     row["s all VJPs"] = seconds if task == "exact" else None
-                row[f"s at {args.official_layers} layers (extrapolated)"] = scale * (row["s all VJPs"] if task == "exact" else seconds)
+                if extrapolate:
+                    row[f"s at {args.official_layers} layers (extrapolated)"] = scale * (row["s all VJPs"] if task == "exact" else seconds)
                 if name == "new" and "today" in timings:
                     row["new/today time"] = seconds / (timings["today"].wall_median if device.type == "cuda" else timings["today"].median)
                     row["rel diff vs today"] = relative(timing.result, timings["today"].result)
                 rows.append(row)
-    print(f"One evaluation, DiT {config.num_layers} layers x width {config.txt_dim} ({config.heads} heads x {config.head_dim}, "
-          f"MLP x{config.expand_ratio}), latent d = {config.txt_in_channels}, block {config.block_size}, random weights, on {device}; "
+    print(f"One evaluation, {label}: DiT {config.num_layers} layers x width {config.txt_dim} ({config.heads} heads x {config.head_dim}, "
+          f"MLP x{config.expand_ratio}), latent d = {config.txt_in_channels}, block {config.block_size}, on {device}; "
           f"exact trace: {vjps} of its {n_colours} VJPs timed, {args.vjp_chunk} per backward pass"
           + (" ('s all VJPs' extrapolates to all of them)" if vjps < n_colours else "") + ".")
     print()
     columns = list(dict.fromkeys(k for r in rows for k in r))
     common.table(columns, [[r.get(c) for c in columns] for r in rows])
-    if device.type == "cuda":
-        precisions(args, models["new"], device, vjps)
+    if device.type == "cuda" and extrapolate:
+        precisions(args, models["new"], lengths, device, vjps)
 
 
-def precisions(args, dit, device, vjps: int) -> None:
+def precisions(args, dit, lengths: list[int], device, vjps: int) -> None:
     """TF32 and bf16 matmuls against float32 on the same inputs."""
     rows = []
-    for L in args.lengths:
+    for L in lengths:
         case = Case(dit, L, device)
 
         def run(mode):
@@ -256,16 +257,22 @@ def main(argv=None) -> None:
     p.add_argument("--vjps", type=int, default=None, help="exact-trace VJPs timed (default: 32 on CPU, all 256 on CUDA)")
     p.add_argument("--vjp-chunk", type=int, default=32, help="VJPs per batched backward pass (default 32)")
     p.add_argument("--reference", default=None, help="a checkout whose DiT runs beside this one's (e.g. the main branch)")
+    p.add_argument("--embedded-lengths", type=int, nargs="*", default=[32, 128], help="latent positions for the embedded model (trained weights; none: skip it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     common.start(args, "Scale: official widths")
     device = torch.device(args.device)
     if args.quick:
-        args.lengths, args.layers = [8], 1
+        args.lengths, args.layers, args.embedded_lengths = [8], 1, [8]
     config = DiTConfig(**{**(QUICK if args.quick else OFFICIAL), "num_layers": args.layers})
     if args.vjps is None and device.type == "cpu" and not args.quick:
         args.vjps = 32
-    measure(args, config, device)
+    torch.manual_seed(0)
+    measure(args, DiT(config), "official widths, random weights", args.lengths, args.vjps, True, device)
+    if args.embedded_lengths:
+        import colaprob
+
+        measure(args, colaprob.load("tiny").dit, "the embedded model (tiny, trained weights)", args.embedded_lengths, None, False, device)
     plans(args, config, device)
     common.finish()
 

@@ -106,6 +106,12 @@ class Attention(nn.Module):
         return self.proj_out(attention(q, k, v.transpose(1, 2), allowed)), new_kv
 
 
+def per_row(values: Tensor, level: Tensor | None) -> Tensor:
+    """``values`` [U, n] of the distinct timesteps at each row: [B, Lq, n] by ``level`` [B, Lq];
+    ``level`` None (one timestep for all rows): [1, n], which broadcasts."""
+    return values if level is None else values[level]
+
+
 def ada_linear(width: int, out: int) -> nn.Sequential:
     """An AdaLN projection ``Linear(silu(e))`` (its keys are ``....1.weight``/``bias``)."""
     return nn.Sequential(nn.SiLU(), nn.Linear(width, out))
@@ -133,14 +139,14 @@ class Block(nn.Module):
 
     def forward(self, x, e, level, q_pos, k_pos, allowed, past):
         """``x``: [B, Lq, W]; ``e``: [U, W] embeddings of the U distinct timesteps; ``level``:
-        [B, Lq] which of them each row has; the rest as in ``Attention.forward``. Returns the
-        new x and this call's (k, v) rows."""
-        shift, scale = self.ada.msa_in(e)[level].chunk(2, -1)
+        [B, Lq] which of them each row has (None when U = 1); the rest as in
+        ``Attention.forward``. Returns the new x and this call's (k, v) rows."""
+        shift, scale = per_row(self.ada.msa_in(e), level).chunk(2, -1)
         o, kv = self.msa(self.msa_norm(x) * (1 + scale) + shift, q_pos, k_pos, allowed, past)
-        x = x + self.ada.msa_out(e)[level] * o
-        shift, scale = self.ada.mlp_in(e)[level].chunk(2, -1)
+        x = x + per_row(self.ada.msa_out(e), level) * o
+        shift, scale = per_row(self.ada.mlp_in(e), level).chunk(2, -1)
         m = self.mlp_norm(x) * (1 + scale) + shift
-        x = x + self.ada.mlp_out(e)[level] * self.mlp.proj_out(gelu_tanh(self.mlp.proj_in(m)))
+        x = x + per_row(self.ada.mlp_out(e), level) * self.mlp.proj_out(gelu_tanh(self.mlp.proj_in(m)))
         return x, kv
 
 
@@ -188,17 +194,20 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             h, kv = block(h, e, level, positions, k_pos, allowed, None if cache is None else cache.layers[i])
             layers.append(kv)
-        shift, scale = self.txt_out_ada.out_in(e)[level].chunk(2, -1)
+        shift, scale = per_row(self.txt_out_ada.out_in(e), level).chunk(2, -1)
         return self.txt_out.proj(self.txt_out_norm(h) * (1 + scale) + shift), layers
 
     def _timestep_embeddings(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         """``(e, level)``: [U, W] embeddings of the U distinct timesteps of ``tau`` [B, Lq] and
-        [B, Lq] which of them each row has. ``emb_in`` still runs on the rows (its output per
-        row, as the official model has it), picking one row per timestep from it."""
+        [B, Lq] which of them each row has (None when all rows share one, as the noisy rows
+        of an ODE solve do). ``emb_in`` still runs on the rows (its output per row, as the
+        official model has it), picking one row per timestep from it."""
         timesteps, level = torch.unique(tau, return_inverse=True)
-        rows = torch.arange(level.numel(), device=tau.device)
-        first = torch.empty_like(timesteps, dtype=torch.long).scatter_(0, level.flatten(), rows)  # any row of each timestep
-        return self.emb_in(tau).flatten(0, 1)[first], level
+        rows = self.emb_in(tau).flatten(0, 1)
+        if len(timesteps) == 1:
+            return rows[:1], None
+        first = torch.empty_like(timesteps, dtype=torch.long).scatter_(0, level.flatten(), torch.arange(len(rows), device=tau.device))
+        return rows[first], level  # any row of each timestep
 
     # -- training layout ------------------------------------------------------------------------
 

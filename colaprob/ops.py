@@ -18,7 +18,9 @@ Formulas, with ``g`` the incoming gradient and reductions over the last dimensio
 * softmax ``y``: ``dx = y (g - sum(g y))``.
 
 All three are ``torch.autograd.Function`` in the ``setup_context`` form with ``jvp`` and a
-generated vmap rule, so ``torch.func`` (``vmap``, ``vjp``, ``jvp``) runs through them.
+generated vmap rule, so ``torch.func`` (``vmap``, ``vjp``, ``jvp``) runs through them. Where
+autograd records nothing (``no_grad``, no input requiring gradients) the fused kernel runs
+alone: a Python-level function costs more than the op itself on a small model.
 """
 
 from __future__ import annotations
@@ -38,26 +40,31 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        # The fused kernel also returns the mean and 1 / std, which the backward pass reuses.
+        return torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _, eps = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
+        _, mean, r = output
+        ctx.mark_non_differentiable(mean, r)
+        ctx.save_for_backward(x, weight, mean, r)
+        ctx.save_for_forward(x, weight, mean, r)
         ctx.eps = eps
 
     @staticmethod
-    def _normalised(ctx) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(x_hat, r, weight)``, recomputed from ``x`` (differentiably, so that second
-        derivatives are right; once per backward call, not per probe)."""
-        x, weight = ctx.saved_tensors
-        r = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + ctx.eps)
-        return (x - x.mean(-1, keepdim=True)) * r, r, weight
+    def _normalised(ctx, reuse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(x_hat, r, weight)``, from the forward pass's statistics when ``reuse``, else
+        recomputed from ``x`` differentiably (a backward pass that builds a graph needs their
+        dependence on ``x`` for second derivatives). Once per backward call, not per probe."""
+        x, weight, mean, r = ctx.saved_tensors
+        if not reuse:
+            mean, r = x.mean(-1, keepdim=True), torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + ctx.eps)
+        return (x - mean) * r, r, weight
 
     @staticmethod
-    def backward(ctx, g):
-        x_hat, r, weight = _LayerNorm._normalised(ctx)
+    def backward(ctx, g, _, __):
+        x_hat, r, weight = _LayerNorm._normalised(ctx, reuse=not torch.is_grad_enabled())
         gw = g if weight is None else g * weight
         dx = (gw - _mean(gw) - x_hat * _mean(gw * x_hat)) * r
         dw = (g * x_hat).sum(_leading(g)) if ctx.needs_input_grad[1] else None
@@ -66,7 +73,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, dx, dweight, dbias, _):
-        x_hat, r, weight = _LayerNorm._normalised(ctx)
+        x_hat, r, weight = _LayerNorm._normalised(ctx, reuse=False)
         dy = r * (dx - _mean(dx) - x_hat * _mean(dx * x_hat))
         if weight is not None:
             dy = dy * weight
@@ -74,7 +81,7 @@ class _LayerNorm(torch.autograd.Function):
             dy = dy + x_hat * dweight
         if dbias is not None:
             dy = dy + dbias
-        return dy
+        return dy, None, None
 
 
 class _GeluTanh(torch.autograd.Function):
@@ -131,17 +138,19 @@ class _Softmax(torch.autograd.Function):
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm over the last dimension of ``x`` [..., n] (``weight``, ``bias``: [n] or None)."""
-    return _LayerNorm.apply(x, weight, bias, eps)
+    if not _recorded(x, weight, bias):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return _LayerNorm.apply(x, weight, bias, eps)[0]
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
     """``F.gelu(x, approximate="tanh")``."""
-    return _GeluTanh.apply(x)
+    return _GeluTanh.apply(x) if _recorded(x) else F.gelu(x, approximate="tanh")
 
 
 def softmax(x: Tensor) -> Tensor:
     """Softmax over the last dimension."""
-    return _Softmax.apply(x)
+    return _Softmax.apply(x) if _recorded(x) else x.softmax(-1)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -161,3 +170,8 @@ def _mean(x: Tensor) -> Tensor:
     """Mean over the last dimension as a sum (vmap has a batching rule for sum, not mean)."""
     return x.sum(-1, keepdim=True) / x.shape[-1]
 
+
+
+def _recorded(*tensors: Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
