@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from colaprob.ops import softmax
 
 
 def block_causal(q_pos: Tensor, k_pos: Tensor, block_size: int | Tensor) -> Tensor:
@@ -28,12 +29,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
 
     ``q``: [B, H, Lq, h]; ``k``, ``v``: [B, Hk, Lk, h] with ``Hk`` = H, or 1 for one K/V head
     shared by all query heads; ``allowed``: bool [B or 1, Lq, Lk]. Returns [B, Lq, H * h], the
-    heads concatenated in order. Masked scores get ``finfo.min`` as in the official code (a
-    row with nothing allowed, which only padding can produce, then averages instead of NaN).
+    heads concatenated in order. Masked scores get ``finfo.min`` added, which leaves them at
+    ``finfo.min`` in float rounding, as the official code sets them (a row with nothing
+    allowed, which only padding can produce, then averages instead of NaN); an addition
+    rather than ``masked_fill``, and ``colaprob.ops.softmax``, so that a batched backward
+    pass runs once for all probes.
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    scores = scores + bias[:, None]
+    return (softmax(scores) @ v).transpose(1, 2).flatten(2)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from colaprob.config import DiTConfig
 from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
+from colaprob.ops import LayerNorm, gelu_tanh
 
 TIMESTEP_FEATURES = 256
 
@@ -38,7 +39,10 @@ def timestep_features(tau: Tensor) -> Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    """``emb_in``: sinusoid features -> three linears with SiLU between (no final activation)."""
+    """``emb_in``: sinusoid features -> three linears with SiLU between (no final activation).
+
+    ``tau`` [...] -> [..., W]; each distinct timestep is embedded once and gathered to its
+    rows (the rows of an ODE solve share one or two timesteps)."""
 
     def __init__(self, c: DiTConfig):
         super().__init__()
@@ -47,8 +51,9 @@ class TimestepEmbedding(nn.Module):
         self.proj_out = nn.Linear(c.txt_dim, c.emb_dim)
 
     def forward(self, tau: Tensor) -> Tensor:
-        x = timestep_features(tau).to(self.proj_in.weight.dtype)
-        return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(x)))))
+        timesteps, level = torch.unique(tau, return_inverse=True)
+        x = timestep_features(timesteps).to(self.proj_in.weight.dtype)
+        return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(x)))))[level]
 
 
 class Rotary(nn.Module):
@@ -80,8 +85,8 @@ class Attention(nn.Module):
         inner = c.heads * c.head_dim
         self.proj_qkv = nn.Linear(c.txt_dim, 3 * inner, bias=c.qk_bias)
         self.proj_out = nn.Linear(inner, c.txt_dim, bias=c.qk_bias)
-        self.norm_q = nn.LayerNorm(c.head_dim, c.norm_eps)
-        self.norm_k = nn.LayerNorm(c.head_dim, c.norm_eps)
+        self.norm_q = LayerNorm(c.head_dim, c.norm_eps)
+        self.norm_k = LayerNorm(c.head_dim, c.norm_eps)
         # Nested as `rope.rope` so the buffer key matches the official `msa.rope.rope.freqs`.
         self.rope = nn.ModuleDict({"rope": Rotary(c.rope_dim)})
 
@@ -101,34 +106,47 @@ class Attention(nn.Module):
         return self.proj_out(attention(q, k, v.transpose(1, 2), allowed)), new_kv
 
 
+def per_row(values: Tensor, level: Tensor | None) -> Tensor:
+    """``values`` [U, n] of the distinct timesteps at each row: [B, Lq, n] by ``level`` [B, Lq];
+    ``level`` None (one timestep for all rows): [1, n], which broadcasts."""
+    return values if level is None else values[level]
+
+
 def ada_linear(width: int, out: int) -> nn.Sequential:
     """An AdaLN projection ``Linear(silu(e))`` (its keys are ``....1.weight``/``bias``)."""
     return nn.Sequential(nn.SiLU(), nn.Linear(width, out))
 
 
 class Block(nn.Module):
-    """One DiT block: AdaLN shift-scale-gate around attention and a GELU-tanh MLP (8.3)."""
+    """One DiT block: AdaLN shift-scale-gate around attention and a GELU-tanh MLP (8.3).
+
+    The AdaLN modulations depend on the row's timestep alone, so they are computed once per
+    distinct timestep and gathered to the rows: an ODE solve's rows share one or two
+    timesteps (t, and 0 on clean rows), and per row these projections cost about a third of
+    an official-width forward pass (bench/scale.py).
+    """
 
     def __init__(self, c: DiTConfig):
         super().__init__()
         W = c.txt_dim
-        self.msa_norm = nn.LayerNorm(W, c.norm_eps, elementwise_affine=False)
+        self.msa_norm = LayerNorm(W, c.norm_eps, elementwise_affine=False)
         self.msa = Attention(c)
-        self.mlp_norm = nn.LayerNorm(W, c.norm_eps, elementwise_affine=False)
+        self.mlp_norm = LayerNorm(W, c.norm_eps, elementwise_affine=False)
         self.mlp = nn.ModuleDict({"proj_in": nn.Linear(W, W * c.expand_ratio), "proj_out": nn.Linear(W * c.expand_ratio, W)})
         self.ada = nn.ModuleDict(
             {"msa_in": ada_linear(W, 2 * W), "msa_out": ada_linear(W, W), "mlp_in": ada_linear(W, 2 * W), "mlp_out": ada_linear(W, W)}
         )
 
-    def forward(self, x, e, q_pos, k_pos, allowed, past):
-        """``x``: [B, Lq, W]; ``e``: [B, Lq, W] timestep embedding per row; the rest as in
+    def forward(self, x, e, level, q_pos, k_pos, allowed, past):
+        """``x``: [B, Lq, W]; ``e``: [U, W] embeddings of the U distinct timesteps; ``level``:
+        [B, Lq] which of them each row has (None when U = 1); the rest as in
         ``Attention.forward``. Returns the new x and this call's (k, v) rows."""
-        shift, scale = self.ada.msa_in(e).chunk(2, -1)
+        shift, scale = per_row(self.ada.msa_in(e), level).chunk(2, -1)
         o, kv = self.msa(self.msa_norm(x) * (1 + scale) + shift, q_pos, k_pos, allowed, past)
-        x = x + self.ada.msa_out(e) * o
-        shift, scale = self.ada.mlp_in(e).chunk(2, -1)
+        x = x + per_row(self.ada.msa_out(e), level) * o
+        shift, scale = per_row(self.ada.mlp_in(e), level).chunk(2, -1)
         m = self.mlp_norm(x) * (1 + scale) + shift
-        x = x + self.ada.mlp_out(e) * self.mlp.proj_out(F.gelu(self.mlp.proj_in(m), approximate="tanh"))
+        x = x + per_row(self.ada.mlp_out(e), level) * self.mlp.proj_out(gelu_tanh(self.mlp.proj_in(m)))
         return x, kv
 
 
@@ -158,7 +176,7 @@ class DiT(nn.Module):
         self.txt_in = nn.ModuleDict({"proj": nn.Linear(config.txt_in_channels, W)})
         self.emb_in = TimestepEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.txt_out_norm = nn.LayerNorm(W, config.norm_eps)  # affine, unlike the block norms
+        self.txt_out_norm = LayerNorm(W, config.norm_eps)  # affine, unlike the block norms
         self.txt_out_ada = nn.ModuleDict({"out_in": ada_linear(W, 2 * W)})
         self.txt_out = nn.ModuleDict({"proj": nn.Linear(W, config.txt_out_channels)})
 
@@ -169,15 +187,27 @@ class DiT(nn.Module):
         broadcastable to [B, Lq]; ``cache``: rows seen before (keys ``[cached | x]``);
         ``allowed``: bool [B or 1, Lq, n_cached + Lq]. Returns velocities [B, Lq, Cout] and
         this call's (k, v) rows per block, for a cache."""
-        e = self.emb_in(tau.expand(x.shape[:2]))
+        e, level = self._timestep_embeddings(tau.expand(x.shape[:2]))
         k_pos = positions if cache is None else torch.cat([cache.positions, positions], 1)
         h = self.txt_in.proj(x)
         layers = []
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, e, positions, k_pos, allowed, None if cache is None else cache.layers[i])
+            h, kv = block(h, e, level, positions, k_pos, allowed, None if cache is None else cache.layers[i])
             layers.append(kv)
-        shift, scale = self.txt_out_ada.out_in(e).chunk(2, -1)
+        shift, scale = per_row(self.txt_out_ada.out_in(e), level).chunk(2, -1)
         return self.txt_out.proj(self.txt_out_norm(h) * (1 + scale) + shift), layers
+
+    def _timestep_embeddings(self, tau: Tensor) -> tuple[Tensor, Tensor]:
+        """``(e, level)``: [U, W] embeddings of the U distinct timesteps of ``tau`` [B, Lq] and
+        [B, Lq] which of them each row has (None when all rows share one, as the noisy rows
+        of an ODE solve do). ``emb_in`` still runs on the rows (its output per row, as the
+        official model has it), picking one row per timestep from it."""
+        timesteps, level = torch.unique(tau, return_inverse=True)
+        rows = self.emb_in(tau).flatten(0, 1)
+        if len(timesteps) == 1:
+            return rows[:1], None
+        first = torch.empty_like(timesteps, dtype=torch.long).scatter_(0, level.flatten(), torch.arange(len(rows), device=tau.device))
+        return rows[first], level  # any row of each timestep
 
     # -- training layout ------------------------------------------------------------------------
 

@@ -75,3 +75,8 @@ def test_install_footprint_bench_measures_this_environment():
 def test_solver_error_bench_reports_coverage_against_the_references():
     out = run_bench("solver_error.py")
     assert "bounds (seq)" in out and "Analytic harness" in out and "Embedded DiT" in out
+
+
+def test_scale_bench_runs_beside_a_reference_checkout_and_plans_memory():
+    out = run_bench("scale.py", "--reference", str(REPO))  # this checkout as its own reference
+    assert "new/today time" in out and "rel diff vs today" in out and "Memory plan" in out and "planned estimate" in out

@@ -1,14 +1,19 @@
 """The block-causal DiT: its four ways of running agree (2L, 2L with the clean-history cache,
 KV-cached generation, the unconditional pass), per-sample block sizes, the block structure of
-its Jacobian, and ``ColaModel.prior_velocity`` under ``torch.func`` and batched gradients."""
+its Jacobian, and ``ColaModel.prior_velocity`` under ``torch.func`` and batched gradients; the
+forms of LayerNorm, GELU-tanh and softmax whose batched backward runs once for all probes, and
+the AdaLN modulations computed once per distinct timestep."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from colaprob import ops
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.dit import DiT, mask_2l
 from colaprob.model import ColaModel
@@ -186,3 +191,67 @@ def test_prior_velocity_under_torch_func(model, cached):
     probes = torch.randn(4, *noisy.shape)
     (batched,) = torch.autograd.grad(v, u, probes, is_grads_batched=True)
     torch.testing.assert_close(batched, torch.stack([pullback(e)[0] for e in probes]), atol=1e-5, rtol=1e-5)
+
+
+# -- the batched-backward forms (colaprob.ops) and the per-timestep AdaLN -------------------------
+
+W = 8
+OPS = {
+    "layer_norm-affine": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, (W,), w, b, 1e-5)),
+    "layer_norm-plain": (lambda x, w, b: ops.layer_norm(x, None, None, 1e-5), lambda x, w, b: F.layer_norm(x, (W,), None, None, 1e-5)),
+    "gelu_tanh": (lambda x, w, b: ops.gelu_tanh(x), lambda x, w, b: F.gelu(x, approximate="tanh")),
+    "softmax": (lambda x, w, b: ops.softmax(x), lambda x, w, b: x.softmax(-1)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_ops_are_the_fused_kernels_with_every_derivative(name):
+    """Forward, first and second derivatives (against finite differences), forward mode and
+    vmap agree with torch's own kernels; in float64."""
+    ours, theirs = OPS[name]
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in ((3, 5, W), (W,), (W,)))
+    torch.testing.assert_close(ours(x, w, b), theirs(x, w, b))
+    assert torch.autograd.gradcheck(ours, (x, w, b)) and torch.autograd.gradgradcheck(ours, (x, w, b))
+    tangents = tuple(torch.randn_like(a) for a in (x, w, b))
+    torch.testing.assert_close(torch.func.jvp(ours, (x, w, b), tangents)[1], torch.func.jvp(theirs, (x, w, b), tangents)[1])
+    torch.testing.assert_close(torch.func.vmap(lambda x: ours(x, w, b))(x), theirs(x, w, b))
+    probes = torch.randn(4, 3, 5, W, generator=g, dtype=torch.float64)
+    batched = torch.autograd.grad(ours(x, w, b), (x, w), probes, is_grads_batched=True, allow_unused=True)
+    expected = torch.autograd.grad(theirs(x, w, b), (x, w), probes, is_grads_batched=True, allow_unused=True)
+    for a, e in zip(batched, expected):
+        assert (a is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(a, e)
+
+
+def test_the_batched_backward_runs_once_for_all_probes(dit):
+    """torch warns when vmap runs an op once per probe (no batching rule); the DiT's batched
+    backward pass, as the exact trace takes it, triggers no such warning."""
+    clean, noisy, tau = inputs()
+    z = noisy.clone().requires_grad_(True)
+    v = dit.velocity_2l(clean, z, tau, dit.config.block_size, dit.clean_history(clean, dit.config.block_size))
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.autograd.grad(v, z, torch.randn(5, *v.shape), is_grads_batched=True)
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(False)
+    assert not [str(w.message)[:120] for w in caught if "batching rule" in str(w.message)]
+
+
+def test_parameter_gradients_count_each_row_once(dit):
+    """The modulations are computed once per distinct timestep and gathered to their rows: the
+    gradient of a batch's loss with respect to every weight is the sum of the samples' own
+    (each sample alone has fewer distinct timesteps than the batch)."""
+    clean, noisy, tau = inputs()
+    bs = dit.config.block_size
+    weights = [p for p in dit.parameters() if p.requires_grad]
+    together = torch.autograd.grad(dit.velocity_2l(clean, noisy, tau, bs).square().sum(), weights, allow_unused=True)
+    apart = [torch.autograd.grad(dit.velocity_2l(clean[i : i + 1], noisy[i : i + 1], tau[i : i + 1], bs).square().sum(), weights, allow_unused=True) for i in range(len(clean))]
+    for p, a, parts in zip(weights, together, zip(*apart)):
+        if a is None:
+            continue
+        torch.testing.assert_close(a, sum(parts), atol=1e-4, rtol=1e-4)
+    assert sum(a is not None for a in together) > len(weights) // 2
