@@ -61,6 +61,7 @@ def decompose(
     n_samples: int = 8,
     window_blocks: int | None = None,
     batch_size: int = 16,
+    chunk_size: int | None = None,
     seed: int = 0,
     solver: cnf.Solver | None = None,
     active_threshold: float = ACTIVE_THRESHOLD,
@@ -71,8 +72,8 @@ def decompose(
 
     ``n_samples``: K posterior samples per sequence; ``window_blocks``: W, the leading prior
     blocks on which ``q_bar`` lives (default: the fewest blocks of any sequence);
-    ``batch_size``: sequences per model call (each sequence's draws come from its own random
-    stream -- the same as ``colaprob.estimators.elbo`` with this ``seed`` -- so the result does
+    ``batch_size``: sequences per model call and ``chunk_size`` samples solved together
+    (default: all K; each sequence's draws come from its own random stream -- the same as ``colaprob.estimators.elbo`` with this ``seed`` -- so the result does
     not depend on it beyond the solver's shared step sizes); ``solver``: how the prior's CNF is
     solved (``cnf.Solver``, or its fields as keywords, as in ``colaprob.estimators.elbo``);
     ``progress``: a progress bar over the batches.
@@ -100,7 +101,7 @@ def decompose(
     for rows in chunks(n_seq, batch_size, "decompose", progress):
         sub = batch.select(rows)
         # The draws of colaprob.estimators.elbo (the same streams); all K solved together.
-        drawn = draw(model, sub, n_samples, seed=seed, keys=keys[rows], chunk_size=n_samples, solver=solver, per_block=True, keep_latents=True)
+        drawn = draw(model, sub, n_samples, seed=seed, keys=keys[rows], chunk_size=chunk_size or n_samples, solver=solver, per_block=True, keep_latents=True)
         lq_blk, lp_blk = (drawn.blocks[name].transpose(0, 1) for name in ("posterior", "prior"))  # [K, B, n_blocks]
         q, z = drawn.proposal, drawn.latents
         distortion.append(-drawn.per_sample["decoder"].T)

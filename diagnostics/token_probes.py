@@ -61,6 +61,7 @@ def probes(
     n_posterior: int = 16,
     n_prior: int = 16,
     batch_size: int = 4,
+    chunk_size: int | None = None,
     seed: int = 0,
     solver: cnf.Solver | None = None,
     sampler: cnf.Solver = cnf.SAMPLER,
@@ -69,7 +70,9 @@ def probes(
 ) -> xr.Dataset:
     """Per-token and per-block probes of every sequence in ``batch`` (module docstring);
     ``solver``: how the prior's CNF is solved (``cnf.Solver``, or its fields as keywords);
-    ``sampler``: the solver of the prior draws; ``progress``: a progress bar over the batches.
+    ``sampler``: the solver of the prior draws; ``batch_size`` sequences per model call and
+    ``chunk_size`` posterior samples solved together (default: all); ``progress``: a
+    progress bar over the batches.
 
     Returns an ``xarray.Dataset`` with, over ``(sequence, token)``: ``token_id``, ``valid``,
     ``decoder_probe``, ``posterior_hit``, ``prior_hit``, ``generation_prob``,
@@ -92,7 +95,7 @@ def probes(
     out = {name: np.full(shape, np.nan) for name, (_, shape) in layout.items()}
     for rows in chunks(n_seq, batch_size, "probes", progress):
         sub = batch.select(rows)
-        drawn = draw(model, sub, n_posterior, seed=seed, keys=keys[rows], chunk_size=n_posterior, solver=solver, per_block=True, keep_latents=True)
+        drawn = draw(model, sub, n_posterior, seed=seed, keys=keys[rows], chunk_size=chunk_size or n_posterior, solver=solver, per_block=True, keep_latents=True)
         for name, value in _probe_chunk(model, sub, drawn, prior_noise[:, rows], seed, solver, sampler).items():
             out[name][..., rows, : value.shape[-1]] = value
     valid, bvalid = grid.token_mask(), grid.block_mask()

@@ -9,7 +9,6 @@ import json
 
 import pytest
 
-from colaprob import runner
 from colaprob.commands import decompose, demo, eval as eval_command, probe, runs, score
 from colaprob.errors import ColaprobError
 from colaprob.estimators.cnf import Solver

@@ -64,15 +64,16 @@ def execute(settings: Settings, target: runs.Target, device: str = "auto"):
     when one made with the same settings is there); the dataset on rank 0, else None."""
     from colaprob.diagnostics import decompose
 
-    def compute(model, batch):
+    def compute(model, batch, planned):
         return decompose(
             model,
             batch,
             n_samples=settings.samples,
             window_blocks=settings.window_blocks_requested,
-            batch_size=settings.batch_size,
+            batch_size=planned.batch,
+            chunk_size=planned.chunk,
             seed=settings.seed,
-            solver=settings.solver,
+            solver=settings.solver.replace(vjp_chunk=planned.vjp_chunk),
             progress=target.progress,
         )
 

@@ -99,12 +99,12 @@ def prepare(settings: Settings, target: runs.Target, ctx) -> "Job":
     model, identity = runs.load_model(target, ctx.device)
     items = [(task, item) for task in task_list for item in task.items]
     widest = check_lengths(model, items)
-    check_memory(model, widest, settings, target, ctx.device)
+    planned = plan_memory(model, widest, settings, target, ctx.device)
     results.check_writable(target.output)
     for task in task_list:  # after the checks, so that a refusal is one line
         for warning in task.warnings:
             print(f"colaprob: warning: {warning}", file=sys.stderr)
-    return Job(settings, target, model, identity, items)
+    return Job(settings, target, model, identity, items, planned, rows_per_item=widest[0])
 
 
 def check_lengths(model, items) -> tuple[int, int]:
@@ -123,21 +123,22 @@ def check_lengths(model, items) -> tuple[int, int]:
     return rows, tokens
 
 
-def check_memory(model, widest: tuple[int, int], settings: Settings, target: runs.Target, device) -> None:
-    """Refuse a run whose batch of ``settings.batch_size`` items, each as wide as the widest
-    (``widest``: its rows, all choices of the item in one solve, and their framed length),
-    would not fit in memory (``colaprob.memory``)."""
-    from colaprob import memory
-
-    solver, (rows, tokens) = settings.solver, widest
-    work = memory.Workload(
-        batch=settings.batch_size * rows,
-        tokens=tokens,
-        chunk=min(settings.chunk_size, settings.samples),
-        probes=solver.n_probes if solver.hutchinson else None,
-        vjp_chunk=solver.vjp_chunk,
+def plan_memory(model, widest: tuple[int, int], settings: Settings, target: runs.Target, device):
+    """The memory plan (``runs.plan_memory``) for batches of ``settings.batch_size`` items,
+    each as wide as the widest (``widest``: its rows, all the item's continuations, which one
+    solve takes together, and their framed length); refused in one sentence when one item
+    does not fit even one sample and one product at a time."""
+    rows, tokens = widest
+    planned = runs.plan_memory(
+        model, target, device, "the evaluation", solver=settings.solver, batch=settings.batch_size * rows, tokens=tokens, samples=settings.samples, chunk=settings.chunk_size
     )
-    memory.check_fits(model, work, target.max_memory, device, "the evaluation")
+    if planned.batch < rows:
+        raise ColaprobError(
+            f"one item with its {rows} continuations of {tokens} tokens does not fit in "
+            f"{'--max-memory' if target.max_memory is not None else 'the free memory'} even one sample at a time; "
+            "raise --max-memory if the memory is there, or use a machine with more memory."
+        )
+    return planned
 
 
 def continuations(item: tasks.TaskItem) -> list[str]:
@@ -151,10 +152,16 @@ def fingerprint(items) -> str:
 
 
 class Job:
-    """Everything ``runner.run`` needs: the items, the model and the settings."""
+    """Everything ``runner.run`` needs: the items, the model, the settings and the memory plan
+    (as in ``colaprob score``: a batch is solved as many items at a time as fit, and a solve
+    that still fails to allocate is retried with half the samples)."""
 
-    def __init__(self, settings: Settings, target: runs.Target, model, identity, items):
-        self.settings, self.model, self.items = settings, model, items
+    def __init__(self, settings: Settings, target: runs.Target, model, identity, items, planned, rows_per_item: int):
+        from colaprob import memory
+
+        self.settings, self.model, self.items, self.planned = settings, model, items, planned
+        self.items_per_call = max(1, planned.batch // rows_per_item)
+        self.chunk = memory.AdaptiveChunk(planned.chunk, what="the evaluation")
         self.n_choices = max(len(item.choices) for _, item in items)
         record = {
             **identity,
@@ -166,9 +173,15 @@ class Job:
         self.plan = runner.Plan(record, n_items=len(items), batch_size=settings.batch_size)
 
     def score_batch(self, positions: range) -> xr.Dataset:
-        s = self.settings
-        chosen = [self.items[i] for i in positions]
-        return score_items(self.model, chosen, s.samples, positions, self.n_choices, seed=s.seed, chunk_size=s.chunk_size, solver=s.solver)
+        s, step = self.settings, self.items_per_call
+        solver = s.solver.replace(vjp_chunk=self.planned.vjp_chunk)
+
+        def part(rows: range, chunk: int) -> xr.Dataset:
+            chosen = [self.items[i] for i in rows]
+            return score_items(self.model, chosen, s.samples, rows, self.n_choices, seed=s.seed, chunk_size=chunk, solver=solver)
+
+        parts = [self.chunk.run(lambda chunk: part(positions[i : i + step], chunk)) for i in range(0, len(positions), step)]
+        return parts[0] if len(parts) == 1 else runner.concat_sequences(parts)
 
     def finish(self, merged: xr.Dataset) -> xr.Dataset:
         """``finish`` with what each item is: its task and its id in the file. (Added to the

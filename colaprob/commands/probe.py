@@ -60,15 +60,16 @@ def execute(settings: Settings, target: runs.Target, device: str = "auto"):
     """The probes of ``target``'s corpus into ``target.output``; the dataset on rank 0."""
     from colaprob.diagnostics import probes
 
-    def compute(model, batch):
+    def compute(model, batch, planned):
         return probes(
             model,
             batch,
             n_posterior=settings.posterior_samples,
             n_prior=settings.prior_samples,
-            batch_size=settings.batch_size,
+            batch_size=planned.batch,
+            chunk_size=planned.chunk,
             seed=settings.seed,
-            solver=settings.solver,
+            solver=settings.solver.replace(vjp_chunk=planned.vjp_chunk),
             progress=target.progress,
         )
 

@@ -11,6 +11,7 @@ it by hand.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,15 +107,14 @@ def load_model(target: Target, device):
 
 def preflight(
     model, rows: Sequence, target: Target, device, what: str, *, solver: Solver, samples: int, chunk: int, batch: int, longest: int | None = None
-) -> None:
+):
     """The checks of the settings against the model and the corpus, before any work: the
     sample count, the Hutchinson probes (more than ``block_size * latent_dim`` would cost
-    more than the exact trace), an output that is one of the inputs, and the estimated peak
-    memory of one batch of ``batch`` rows, ``chunk`` samples at a time (``colaprob.memory``)
-    against ``--max-memory`` or the free memory. ``longest``: the longest sequence one solve
-    sees, when it is not a row's framed length (the rolling chain scores a long document one
-    window pair at a time)."""
-    from colaprob import memory
+    more than the exact trace) and an output that is one of the inputs; then the memory
+    plan (``colaprob.memory.plan``) for batches of ``batch`` rows, ``chunk`` samples at a
+    time, under ``--max-memory`` or the free memory, which it returns. ``longest``: the
+    longest sequence one solve sees, when it is not a row's framed length (the rolling chain
+    scores a long document one window pair at a time)."""
     from colaprob.windows import framed_length_fn
 
     if samples > MAX_SAMPLES:
@@ -128,14 +128,34 @@ def preflight(
     check_output_is_not_an_input(target.output, target.inputs)
     framed_length = framed_length_fn(model)
     tokens = longest or max(framed_length(row.document.text, row.document.prompt) for row in rows)
-    work = memory.Workload(
-        batch=min(batch, len(rows)),
-        tokens=tokens,
-        chunk=min(chunk, samples),
-        probes=solver.n_probes if solver.hutchinson else None,
-        vjp_chunk=solver.vjp_chunk,
+    return plan_memory(model, target, device, what, solver=solver, batch=min(batch, len(rows)), tokens=tokens, samples=samples, chunk=chunk)
+
+
+def plan_memory(model, target: Target, device, what: str, *, solver: Solver, batch: int, tokens: int, samples: int, chunk: int):
+    """``colaprob.memory.plan`` of a run: the VJP chunk, the samples solved together and the
+    rows per model call lowered (in that order) until the estimated peak fits ``--max-memory``
+    or the free memory of ``device``; refused in one sentence when one row, one sample and one
+    product at a time do not fit. A lowering is said on stderr; none changes a number beyond
+    float rounding (each sample and block takes its own solver steps)."""
+    from colaprob import memory
+
+    request = memory.Request(
+        batch=batch, tokens=tokens, samples=samples, chunk=min(chunk, samples), probes=solver.n_probes if solver.hutchinson else None, vjp_chunk=solver.vjp_chunk
     )
-    memory.check_fits(model, work, target.max_memory, device, what)
+    budget = memory.budget(target.max_memory, device)
+    planned = memory.plan(model, request, budget if budget is not None else 2**62)  # unknown free memory: as asked
+    lowered = [
+        f"{name} {asked} -> {got}"
+        for name, asked, got in (("vjp chunk", min(request.vjp_chunk, memory.vjps_per_evaluation(model, request.probes)), planned.vjp_chunk), ("samples solved together", request.chunk, planned.chunk), ("rows per model call", request.batch, planned.batch))
+        if got < asked
+    ]
+    if lowered and budget is not None:
+        print(
+            f"colaprob: {what}: {', '.join(lowered)} so that the estimated peak ({memory.human(planned.peak_bytes)}) fits "
+            f"{'--max-memory' if target.max_memory is not None else 'the free memory'} ({memory.human(budget)}).",
+            file=sys.stderr,
+        )
+    return planned
 
 
 def check_output_is_not_an_input(output: Path, inputs: Sequence[Path]) -> None:
@@ -163,7 +183,8 @@ def row_variables(rows: Sequence) -> dict:
 
 
 def run_whole_corpus(settings, target: Target, device_name: str, name: str, compute: Callable, *, samples: int, finish: Callable = lambda ds: ds, min_sequences: int = 1):
-    """Run a corpus-level diagnostic (``compute(model, batch) -> Dataset`` over ``sequence``)
+    """Run a corpus-level diagnostic (``compute(model, batch, memory_plan) -> Dataset`` over
+    ``sequence``, ``memory_plan`` the ``colaprob.memory.MemoryPlan`` of the run)
     on the plain texts of ``target.inputs`` as one batch through ``colaprob.runner``: the
     same checks, provenance, atomic output and refusal of other settings as ``score``, the
     run key made from ``settings`` (which must have ``per_line``, ``jsonl``, ``split``,
@@ -194,7 +215,7 @@ def _prepare_whole_corpus(settings, target, ctx, name, compute, samples, finish,
             f"{name} needs at least {min_sequences} documents, but the input holds {len(rows)}; "
             "give more text (--per-line makes every line a document)."
         )
-    preflight(model, rows, target, ctx.device, name, solver=settings.solver, samples=samples, chunk=samples, batch=settings.batch_size)
+    planned = preflight(model, rows, target, ctx.device, name, solver=settings.solver, samples=samples, chunk=samples, batch=settings.batch_size)
     results.check_writable(target.output)
     record = {
         **identity,
@@ -209,6 +230,6 @@ def _prepare_whole_corpus(settings, target, ctx, name, compute, samples, finish,
 
     def compute_all(items: range):
         batch = model.frame([rows[i].document.text for i in items])
-        return compute(model, batch).assign(row_variables(rows))
+        return compute(model, batch, planned).assign(row_variables(rows))
 
     return lambda: runner.run(plan, compute_all, target.output, finish=finish, ctx=ctx, overwrite=target.overwrite, progress=False)

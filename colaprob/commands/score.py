@@ -160,12 +160,12 @@ def prepare(settings: Settings, target: runs.Target, ctx) -> "Job":
     checks = dict(solver=settings.solver, samples=settings.max_samples or settings.samples, chunk=settings.chunk_size, batch=settings.batch_size)
     if settings.estimator_name == "rolling":
         rows = windows.cut_rows(model, documents, None)
-        runs.preflight(model, rows, target, ctx.device, "scoring", longest=model.framing.max_tokens, **checks)
+        planned = runs.preflight(model, rows, target, ctx.device, "scoring", longest=model.framing.max_tokens, **checks)
     else:
         rows = windows.rows_to_score(model, documents, settings.split)
-        runs.preflight(model, rows, target, ctx.device, "scoring", **checks)
+        planned = runs.preflight(model, rows, target, ctx.device, "scoring", **checks)
     results.check_writable(target.output)
-    return Job(settings, target, ctx, model, identity, rows)
+    return Job(settings, target, ctx, model, identity, rows, planned)
 
 
 def choose_estimator(settings: Settings, documents) -> str:
@@ -201,10 +201,16 @@ def check_options(settings: Settings) -> None:
 
 
 class Job:
-    """Everything ``runner.run`` needs: the rows, the model and the settings."""
+    """Everything ``runner.run`` needs: the rows, the model, the settings and the memory plan
+    (``colaprob.memory.MemoryPlan``: a batch is solved ``planned.batch`` rows at a time,
+    ``chunk`` samples and ``vjp_chunk`` products at a time; a solve that still fails to
+    allocate is retried with half the samples, and the rest of the run keeps the half)."""
 
-    def __init__(self, settings: Settings, target: runs.Target, ctx, model, identity, rows):
-        self.settings, self.model, self.rows = settings, model, rows
+    def __init__(self, settings: Settings, target: runs.Target, ctx, model, identity, rows, planned):
+        from colaprob import memory
+
+        self.settings, self.model, self.rows, self.planned = settings, model, rows, planned
+        self.chunk = memory.AdaptiveChunk(planned.chunk, what="scoring")
         record = {
             **identity,
             "inputs": [path.name for path in target.inputs],
@@ -234,11 +240,18 @@ class Job:
         return ds
 
     def estimate(self, items: range, solver: Solver) -> xr.Dataset:
+        """The rows ``items``, ``planned.batch`` at a time."""
+        step = self.planned.batch
+        solver = solver.replace(vjp_chunk=self.planned.vjp_chunk)
+        parts = [self.chunk.run(lambda chunk: self.estimate_rows(items[i : i + step], solver, chunk)) for i in range(0, len(items), step)]
+        return parts[0] if len(parts) == 1 else runner.concat_sequences(parts)
+
+    def estimate_rows(self, items: range, solver: Solver, chunk_size: int) -> xr.Dataset:
         from colaprob import estimators
 
         s = self.settings
         chosen = [self.rows[i] for i in items]
-        options = dict(seed=s.seed, sequence_ids=list(items), chunk_size=s.chunk_size, solver=solver)
+        options = dict(seed=s.seed, sequence_ids=list(items), chunk_size=chunk_size, solver=solver)
         if s.estimator_name == "conditional":
             documents = [row.document for row in chosen]
             batch, prefix_tokens, response = self.model.frame_pairs([d.prompt for d in documents], [d.text for d in documents])
@@ -254,7 +267,9 @@ class Job:
             if s.estimator_name == "iwae":
                 options["max_samples"] = s.max_samples
             ds = getattr(estimators, s.estimator_name)(self.model, batch, s.samples, **options)
-        return with_identity(ds, chosen)
+        ds = with_identity(ds, chosen)
+        # What the memory plan and any retry chose: they bound memory, not the numbers.
+        return ds.assign(samples_solved_together=("sequence", np.full(len(chosen), chunk_size)), vjp_chunk=("sequence", np.full(len(chosen), solver.vjp_chunk)))
 
 
 def with_identity(ds: xr.Dataset, chosen: list[windows.Row]) -> xr.Dataset:
