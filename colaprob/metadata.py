@@ -94,6 +94,8 @@ VARIABLES: dict[str, Meaning] = {
     "prior_prefix_solver_error": Meaning("solver error of the prefix's prior terms", NAT, "as prior_solver_error, for the blocks covering the prefix"),
     "log_joint_solver_error": Meaning("solver error of the joint log-likelihood", NAT, "as log_likelihood_solver_error, for log_joint"),
     "log_prefix_solver_error": Meaning("solver error of the prefix log-likelihood", NAT, "as log_likelihood_solver_error, for log_prefix"),
+    "log_context_solver_error": Meaning("solver error of the context log-likelihood", NAT, "as log_likelihood_solver_error, for log_context"),
+    "window_log_likelihood_solver_error": Meaning("solver error of a window's score", NAT, "as log_likelihood_solver_error, for window_log_likelihood; the chain's is their sum"),
     "direct_log_likelihood_solver_error": Meaning("solver error of the direct estimate", NAT, "as log_likelihood_solver_error, for direct_log_likelihood"),
     "solver_setting": Meaning("solver settings used", None, "the ODE method and tolerances or steps the row was finally solved with (tighter than asked where --target-error needed it)"),
     "solver_error_target_met": Meaning("solver-error target met", None, "true where log_likelihood_solver_error is below --target-error"),

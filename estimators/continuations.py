@@ -184,7 +184,10 @@ def continuation_log_prob(
     continuations; ``choice_valid`` says which exist), ``sample``: ``log_likelihood`` and
     ``log_likelihood_se`` (nats), ``log_joint``, ``log_context`` and their ``_se``,
     ``log_weight``, ``log_weight_context`` [item, choice, sample], ``n_tokens``, ``n_bytes``
-    of the continuation alone, ``context_tokens``, ``khat``, ``khat_context``, ``ess``, with the
+    of the continuation alone, ``context_tokens``, ``khat``, ``khat_context``, ``ess``; with
+    ``solver_error`` (a field of the solver) also ``log_joint_solver_error``,
+    ``log_context_solver_error`` and their sum ``log_likelihood_solver_error`` (nats, apart
+    from the Monte Carlo ``log_likelihood_se``); with the
     estimator, solver settings and cost (``nfe``, ``dit_rows``: positions the prior network
     was evaluated at, summed over evaluations) as attributes.
     """
@@ -217,14 +220,14 @@ def score_continuations(
         raise ValueError("item_ids must be one non-negative integer per item")
     solver = cnf.Solver.build(solver, **solver_keywords)
     cost = _Cost()
-    joint, context, settings = [], [], {}
+    parts, settings = [], {}
     for k0 in range(0, n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, n_samples))
-        j, c, settings = _weights(model, batch, keys, indices, seed, solver, share_context, cost)
-        joint.append(j)
-        context.append(c)
+        weights, settings = _weights(model, batch, keys, indices, seed, solver, share_context, cost)
+        parts.append(weights)
     settings.update(solver.to_attrs())  # the probes were drawn here, of the solver's kind
-    return _dataset(model, batch, keys, torch.cat(joint, 0), torch.cat(context, 0), settings, cost, n_samples, seed, chunk_size, share_context)
+    weights = {name: torch.cat([part[name] for part in parts], 0) for name in parts[0]}
+    return _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk_size, share_context)
 
 
 @dataclass
@@ -235,10 +238,13 @@ class _Cost:
     nfe: int = 0
     dit_rows: int = 0
     history_rows: int = 0
+    error_nfe: int = 0
 
 
 def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
-    """Log-weights of samples ``indices``: joint and context, each [k, R] float64."""
+    """Log-weights of samples ``indices`` by name, each [k, R] float64: ``joint`` and
+    ``context``, and with ``solver.solver_error`` their solver errors ``joint_error`` and
+    ``context_error`` (the covering blocks' estimated errors, summed); and the settings."""
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     rows = batch.token_batch()
     R, N = rows.ids.shape
@@ -266,7 +272,7 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
         posterior = q.log_prob(z).cpu()  # [k, R, L]
     u = to_prior_space(model, z)
     options = dict(seed=seed, solver=solver)
-    block_prior, settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), batch, first_row, cost, options)
+    block_prior, block_error, settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), batch, first_row, cost, options)
     block_prior = block_prior + bs * d * math.log(abs(model.latent_scale))  # on z, per whole block
 
     block_posterior = layout.per_block(posterior)
@@ -275,7 +281,11 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
         dec, prior, post = marginal_terms(layout, decoder, block_prior, block_posterior, n_tokens)
         return dec + prior - post
 
-    return log_weight(batch.total_tokens), log_weight(batch.context_tokens), settings
+    weights = {"joint": log_weight(batch.total_tokens), "context": log_weight(batch.context_tokens)}
+    if block_error is not None:
+        for name, tokens in (("joint", batch.total_tokens), ("context", batch.context_tokens)):
+            weights[f"{name}_error"] = (block_error * layout.block_mask(tokens)).sum(-1)
+    return weights, settings
 
 
 def _first_rows(batch: ContinuationBatch) -> Tensor:
@@ -308,12 +318,14 @@ def _with_context_posterior(model, batch, q, shared_blocks, first_row) -> Diagon
 
 def _block_prior(model, u, probes, shared_blocks, joint_blocks, batch, first_row, cost, options):
     """``log p(u^(b) | u^(<b))`` per row and absolute block, [k, R, n_blocks] float64 (0 beyond
-    a row's covering blocks), and the solver settings. Shared context blocks come from one
+    a row's covering blocks), each block's estimated solver error in the same layout (None
+    without ``solver_error``), and the solver settings. Shared context blocks come from one
     solve per item; the rest from one solve per group of rows that share where it starts."""
     bs = model.block_size
     k, R, L, d = u.shape
     n_blocks = -(-L // bs)
     out = torch.zeros(k, R, n_blocks, dtype=torch.float64)
+    error = torch.zeros(k, R, n_blocks, dtype=torch.float64) if options["solver"].solver_error else None
     settings = {}
     ctx_blocks = shared_blocks[first_row]  # [n_items]
     items = torch.nonzero(ctx_blocks > 0)[:, 0]
@@ -323,12 +335,13 @@ def _block_prior(model, u, probes, shared_blocks, joint_blocks, batch, first_row
         p = None if probes is None else probes[:, :, first_row[items], :width].contiguous()
         r = cnf.block_causal_log_prob(_counted(model.prior_velocity, cost, d), z0, bs, lengths=(ctx_blocks[items] * bs).to(u.device).expand(k, -1), probes=p, **options)
         _count_history(model, cost, z0, d)
-        cost.nfe += r.nfe
-        per_item = torch.zeros(k, batch.n_items, r.block_logp.shape[-1], dtype=torch.float64)
-        per_item[:, items] = r.block_logp.cpu()
-        row_ctx = per_item[:, batch.item]  # [k, R, nbc]
-        in_context = torch.arange(row_ctx.shape[-1]) < shared_blocks[:, None]
-        out[..., : row_ctx.shape[-1]] += row_ctx * in_context
+        cost.nfe, cost.error_nfe = cost.nfe + r.nfe, cost.error_nfe + r.error_nfe
+        in_context = torch.arange(r.block_logp.shape[-1]) < shared_blocks[:, None]
+        for target, values in ((out, r.block_logp), (error, r.block_logp_error)):
+            if target is not None:
+                per_item = torch.zeros(k, batch.n_items, values.shape[-1], dtype=torch.float64)
+                per_item[:, items] = values.cpu()
+                target[..., : values.shape[-1]] += per_item[:, batch.item] * in_context  # [k, R, nbc] per row
     for start in shared_blocks.unique().tolist():  # each choice: the blocks its continuation touches
         group = torch.nonzero(shared_blocks == start)[:, 0]
         s, end = start * bs, int(joint_blocks[group].max()) * bs
@@ -339,10 +352,12 @@ def _block_prior(model, u, probes, shared_blocks, joint_blocks, batch, first_row
         lengths = (joint_blocks[group] * bs - s).to(u.device).expand(k, -1)
         r = cnf.block_causal_log_prob(velocity, z0, bs, lengths=lengths, probes=p, **options)
         _count_history(model, cost, history, d)
-        cost.nfe += r.nfe
+        cost.nfe, cost.error_nfe = cost.nfe + r.nfe, cost.error_nfe + r.error_nfe
         settings = r.settings
         out[:, group, start : start + r.block_logp.shape[-1]] = r.block_logp.cpu()
-    return out, settings
+        if error is not None:
+            error[:, group, start : start + r.block_logp.shape[-1]] = r.block_logp_error.cpu()
+    return out, error, settings
 
 
 def _counted(velocity, cost: _Cost, d: int):
@@ -383,16 +398,25 @@ def _window_velocity(model, history: Tensor, start: int, cost: _Cost, d: int):
     return velocity
 
 
-def _dataset(model, batch, keys, joint, context, settings, cost, n_samples, seed, chunk_size, share_context) -> xr.Dataset:
-    """Scatter the rows' [K, R] log-weights to [item, choice, sample] and summarise."""
+def _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk_size, share_context) -> xr.Dataset:
+    """Scatter the rows' [K, R] log-weights (and solver errors) to [item, choice, sample] and
+    summarise."""
     I, C = batch.n_items, batch.n_choices
-    grid = lambda: np.full((I, C, n_samples), np.nan)
-    lw, lwc = grid(), grid()
-    lw[batch.item.numpy(), batch.choice.numpy()] = joint.T.numpy()
-    lwc[batch.item.numpy(), batch.choice.numpy()] = context.T.numpy()
     dims = ("item", "choice", "sample")
+
+    def grid(values: Tensor):
+        out = np.full((I, C, n_samples), np.nan)
+        out[batch.item.numpy(), batch.choice.numpy()] = values.T.numpy()
+        return (dims, out)
+
     coords = {"item": keys.numpy(), "choice": np.arange(C), "sample": np.arange(n_samples)}
-    ds = xr.Dataset({"log_weight": (dims, lw), "log_weight_context": (dims, lwc)}, coords=coords)
+    ds = xr.Dataset({"log_weight": grid(weights["joint"]), "log_weight_context": grid(weights["context"])}, coords=coords)
+    if "joint_error" in weights:
+        for name, weight in (("joint", "log_weight"), ("context", "log_weight_context")):
+            ds[f"log_{name}_solver_error"] = statistics.solver_error(ds[weight], xr.DataArray(grid(weights[f"{name}_error"])[1], dims=dims), weighted=True)
+        # The two solver errors need not cancel: the difference's is at most their sum.
+        ds["log_likelihood_solver_error"] = ds["log_joint_solver_error"] + ds["log_context_solver_error"]
+        settings = {**settings, "solver_error_nfe": cost.error_nfe}
 
     def per_row(values, fill, dtype):
         out = np.full((I, C), fill, dtype=dtype)

@@ -60,8 +60,9 @@ def rolling_log_prob(
     ``log_likelihood``, ``log_likelihood_se`` (nats), ``n_tokens``, ``n_bytes``, ``n_words``,
     ``n_windows``, ``khat_max`` and the units of ``colaprob.estimators.units``; per window
     ``window_log_likelihood``, ``window_log_likelihood_se``, ``window_n_tokens``,
-    ``window_khat``, ``window_text`` and ``window_valid``; the estimator and the settings as
-    attributes."""
+    ``window_khat``, ``window_text`` and ``window_valid``; with ``solver_error`` (a field of the
+    solver) also ``window_log_likelihood_solver_error`` and its sum over the windows,
+    ``log_likelihood_solver_error``; the estimator and the settings as attributes."""
     if isinstance(documents, str) or not all(isinstance(d, str) for d in documents):
         raise TypeError("documents must be a sequence of strings")
     for i, text in enumerate(documents):
@@ -150,6 +151,10 @@ def _chain_dataset(ds: xr.Dataset, n_windows: list[int], keys: np.ndarray, n_sam
     out["n_windows"] = ("sequence", np.array(n_windows))
     out["log_likelihood"] = out["window_log_likelihood"].sum("window", skipna=True)
     out["log_likelihood_se"] = np.sqrt((out["window_log_likelihood_se"] ** 2).sum("window", skipna=True))
+    if "log_likelihood_solver_error" in ds:
+        # Solver errors are systematic, not independent: the chain's is the sum of its windows'.
+        out["window_log_likelihood_solver_error"] = (dims, grid("log_likelihood_solver_error", np.nan, np.float64))
+        out["log_likelihood_solver_error"] = out["window_log_likelihood_solver_error"].sum("window", skipna=True)
     out["n_tokens"] = out["window_n_tokens"].sum("window")
     out["khat_max"] = out["window_khat"].max("window", skipna=True)
     out["khat_threshold"] = ds["khat_threshold"]

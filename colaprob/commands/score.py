@@ -127,8 +127,7 @@ class Settings(runs.Reading):
         if args.rolling and args.estimator not in (None, "rolling"):
             raise ColaprobError(f"--rolling is its own estimator; drop --estimator {args.estimator}.")
         estimator = "rolling" if args.rolling else args.estimator
-        # The rolling chain's continuation scores do not estimate the solver error yet.
-        solver = options.solver_from_args(args, SOLVER, solver_error=not args.no_solver_error and estimator != "rolling")
+        solver = options.solver_from_args(args, SOLVER, solver_error=not args.no_solver_error)
         return runs.settings_from_args(cls, args, estimator_name=estimator, direct=not args.no_direct, solver=solver)
 
 
@@ -190,8 +189,7 @@ def check_options(settings: Settings) -> None:
     """Options that need a particular estimator: --max-samples (iwae), --target-error (an
     estimated solver error)."""
     if settings.target_error is not None and not settings.solver.solver_error:
-        why = "--no-solver-error" if settings.estimator_name != "rolling" else "the rolling chain"
-        raise ColaprobError(f"--target-error needs the solver-error estimate, which {why} does not make; drop one of them.")
+        raise ColaprobError("--target-error needs the solver-error estimate, which --no-solver-error does not make; drop one of them.")
     if settings.max_samples is None:
         return
     if settings.estimator_name != "iwae":
