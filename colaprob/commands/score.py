@@ -267,7 +267,7 @@ class Job:
             ds = getattr(estimators, s.estimator_name)(self.model, batch, s.samples, **options)
         ds = with_identity(ds, chosen)
         # What the memory plan and any retry chose: they bound memory, not the numbers.
-        return ds.assign(samples_solved_together=("sequence", np.full(len(chosen), chunk_size)), vjp_chunk=("sequence", np.full(len(chosen), solver.vjp_chunk)))
+        return ds.assign(samples_solved_together=("sequence", np.full(len(chosen), chunk_size)), vjps_per_pass=("sequence", np.full(len(chosen), solver.vjp_chunk)))
 
 
 def with_identity(ds: xr.Dataset, chosen: list[windows.Row]) -> xr.Dataset:
