@@ -11,8 +11,10 @@ position (blocks at or beyond a sequence's length never count), all in float64.
 
 Randomness: ``eps_k`` of a sequence and its Hutchinson probes come from its own streams
 (``colaprob.estimators.streams``), so a sequence gets the same numbers whatever batch, shard,
-chunk size or resumed run it is in (with an adaptive solver the shared step sizes still
-differ, within the tolerance; fixed-step solvers reproduce exactly). K is processed ``chunk_size`` samples at a time.
+chunk size or resumed run it is in: fixed-step solvers reproduce exactly, and the default
+``dopri5`` steps every block of every draw on its own (``colaprob.estimators.stepping``), so
+only the float32 rounding of the velocity, which can depend on the batch's padded length,
+moves it (see the README, "Batches and solver error"). K is processed ``chunk_size`` samples at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.estimators import _checks, cnf, statistics, streams, units
-from colaprob.protocol import TokenBatch, to_prior_space
+from colaprob.protocol import DiagonalGaussian, TokenBatch, to_prior_space
 
 # The keyword arguments an estimator passes on to ``cnf.block_causal_log_prob``.
 CNF_OPTIONS = ("method", "rtol", "atol", "steps", "n_probes", "probe", "vjp_chunk", "solver_error")
@@ -137,6 +139,7 @@ def draw(
     trace: str = "exact",
     prefix_tokens: Tensor | None = None,
     pinned: Tensor | None = None,
+    proposal: DiagonalGaussian | None = None,
     **cnf_options,
 ) -> Draws:
     """Samples ``start .. start + n_samples - 1`` of every sequence and their weight terms.
@@ -144,14 +147,16 @@ def draw(
     ``prefix_tokens`` [B]: also the terms of the prefix marginal. ``pinned`` [B] latent
     positions: hold the latents before it at the posterior mean, give them to the prior as
     clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
-    and the latents from ``pinned`` on (the direct conditional).
+    and the latents from ``pinned`` on (the direct conditional). ``proposal``: draw from this
+    [B, L, d] instead of ``model.posterior(batch)`` (the prefix proposal of
+    ``colaprob.estimators.conditional``).
     """
     check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size, trace=trace, cnf_options=cnf_options)
     _checks.integer("start", start, minimum=0)
     P, bs, d = model.patch_size, model.block_size, model.latent_dim
     B, N = batch.ids.shape
     with torch.no_grad():
-        q = model.posterior(batch)
+        q = model.posterior(batch) if proposal is None else proposal
     device, dtype = q.mean.device, q.mean.dtype
     L = q.mean.shape[-2]
     n_blocks = -(-L // bs)

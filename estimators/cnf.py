@@ -558,7 +558,9 @@ def _solve_per_element(dynamics, state0, rtol, atol, norm, spread, done, reverse
 
     try:
         y, _ = stepping.solve(f, as_tuple(state0), spread=lambda x: as_tuple(spread(x)), norm=lambda r: norm(r[0] if single else r), rtol=rtol, atol=atol, done=done)
-    except stepping.StepUnderflow:
+    except stepping.StepUnderflow as failure:
+        if not failure.finite:
+            raise SolverFailure(f"the velocity was not finite at t = {failure.time:.4g}, so the dopri5 solver cannot go on; check the model's weights and its input latents.") from None
         raise _underflow("dopri5", rtol, atol) from None
     return y[0] if single else y
 

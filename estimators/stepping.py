@@ -32,7 +32,7 @@ with ``d2`` the norm of the change of ``f`` over ``h0``; ``h = min(100 h0, h1)``
 choices of ``torchdiffeq``'s ``dopri5``, so step counts are comparable with it. The last step of
 every element is cut to end exactly at ``t = 1``.
 
-A step that no longer moves ``t`` in float64 (or a non-finite error) raises
+A step that no longer moves ``t`` in float64, or a non-finite error estimate, raises
 ``StepUnderflow``; ``colaprob.estimators.cnf`` turns it into its ``SolverFailure``.
 """
 
@@ -63,11 +63,12 @@ SAFETY, MAX_GROWTH, MIN_GROWTH = 0.9, 10.0, 0.2
 
 
 class StepUnderflow(ArithmeticError):
-    """Some element's step size became too small to move its time (or not finite)."""
+    """Some element's step size became too small to move its time, or its error estimate was
+    not finite (``finite`` False: the field returned inf or NaN)."""
 
-    def __init__(self, time: float):
-        super().__init__(f"step size underflow at t = {time:.6g}")
-        self.time = time
+    def __init__(self, time: float, finite: bool):
+        super().__init__(f"step size underflow at t = {time:.6g}" if finite else f"non-finite error estimate at t = {time:.6g}")
+        self.time, self.finite = time, finite
 
 
 def solve(
@@ -111,9 +112,12 @@ def solve(
         ratio = norm(tuple(e / s for e, s in zip(error, scale)))
         accept = ~done & (ratio <= 1)
         t_new = torch.where(last, 1.0, t + h)
-        stuck = ~done & ((t_new <= t) | ~torch.isfinite(ratio))
+        broken = ~done & ~torch.isfinite(ratio)
+        if bool(broken.any()):
+            raise StepUnderflow(float(t[broken].min()), finite=False)
+        stuck = ~done & (t_new <= t)
         if bool(stuck.any()):
-            raise StepUnderflow(float(t[stuck].min()))
+            raise StepUnderflow(float(t[stuck].min()), finite=True)
         y = tuple(torch.where(a, n, o) for a, n, o in zip(spread(accept), y_new, y))
         k_first = tuple(torch.where(a, n, o) for a, n, o in zip(spread(accept), ks[-1], k_first))
         t = torch.where(accept, t_new, t)
