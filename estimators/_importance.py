@@ -14,7 +14,7 @@ Randomness: ``eps_k`` of a sequence and its Hutchinson probes come from its own 
 chunk size or resumed run it is in: fixed-step solvers reproduce exactly, and the default
 ``dopri5`` steps every block of every draw on its own (``colaprob.estimators.stepping``), so
 only the float32 rounding of the velocity, which can depend on the batch's padded length,
-moves it (see the README, "Batches and solver error"). K is processed ``chunk_size`` samples at a time.
+moves it (README, "Choosing estimator settings"). K is processed ``chunk_size`` samples at a time.
 """
 
 from __future__ import annotations

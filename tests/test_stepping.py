@@ -94,7 +94,7 @@ def test_a_document_does_not_depend_on_its_batch_on_the_embedded_model():
     """The embedded DiT in float64 (so that the velocity's rounding cannot depend on the batch
     shape): a document scored alone and among 15 shorter ones under the default dopri5 agree
     to 1e-5 nats. In float32 its 1-ulp rounding differences are amplified by the step control
-    (README, "Batches and solver error")."""
+    (README, "Choosing estimator settings")."""
     import colaprob
     from colaprob.protocol import to_prior_space
 
