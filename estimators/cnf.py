@@ -6,9 +6,10 @@ defines the density of its data end (Chen et al. 2018, Grathwohl et al. 2019):
     log p0(z0) = log N(z1; 0, I) + integral_0^1 div v(z_t, t) dt,
 
 where ``z_t`` solves ``dz/dt = v(z, t)`` from ``z0``. The state ``[z, log-det]`` is integrated
-from ``t = 0`` to ``t = 1`` with ``torchdiffeq.odeint``: adaptive (``dopri5`` and the other
-adaptive methods, ``rtol`` / ``atol``) or on a fixed grid (``euler``, ``midpoint``, ``rk4``
-with ``steps`` steps).
+from ``t = 0`` to ``t = 1``: adaptive (``rtol`` / ``atol``) by colaprob's own ``dopri5``, in which
+every independent element takes its own steps (``colaprob.estimators.stepping``), or by
+``torchdiffeq.odeint`` for its other adaptive methods (one step size for the batch) and the
+fixed grids (``euler``, ``midpoint``, ``rk4`` with ``steps`` steps).
 
 The divergence is either
 
@@ -41,7 +42,8 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from colaprob.errors import ColaprobError
-from colaprob.estimators import _checks
+from colaprob.estimators import _checks, stepping
+from colaprob.estimators.layout import sum_per_block
 from colaprob.estimators.solver import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SAFETY, Solver
 
 __all__ = ["ADAPTIVE_METHODS", "FIXED_GRID_METHODS", "SAMPLER", "BlockLogProb", "LogProb", "Solver", "SolverFailure", "block_causal_log_prob", "log_prob", "sample"]
@@ -160,7 +162,6 @@ def log_prob(
     _checks.floating_tensor("z0", z0, min_dims=event_dims)
     _check_probes(probes, z0)
     _checks.integer("seed", seed, minimum=0)
-    batch_shape = z0.shape[: z0.dim() - event_dims]
     event_shape = z0.shape[z0.dim() - event_dims :]
     event_axes = tuple(range(-event_dims, 0))
     # Each event element its own colour; batch elements are independent, so they share it.
@@ -170,15 +171,20 @@ def log_prob(
     def field(z: Tensor, t: Tensor) -> Tensor:
         return velocity(z, t.to(z0.dtype))
 
+    # The velocity takes one t for the whole batch, so the batch is one element of the solver
+    # (shared steps) and its norm the largest per-sample norm.
     def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:
         z_ratio, logdet_ratio = ratio
         return torch.maximum(z_ratio.pow(2).mean(event_axes).sqrt().max(), logdet_ratio.abs().max())
+
+    def spread(x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, x
 
     def reduce(terms: Tensor) -> Tensor:  # [n, ..., *event] -> [n, ...]
         return terms.sum(event_axes)
 
     def solve(solver):
-        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, solver)
+        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, (error_norm, spread, None), solver)
         prior = (-0.5 * z1.pow(2) - 0.5 * _LOG_2PI).sum(event_axes)
         return z1, prior, delta, nfe  # per probe: prior + delta, [n, ...]
 
@@ -222,10 +228,14 @@ def block_causal_log_prob(
     only on ``z_t`` in block ``b`` and ``clean`` in blocks ``< b`` (the 2L layout). ``clean``
     is ``z0`` itself, the same object at every evaluation, so a model may cache its history.
 
-    All blocks share one ``t``; since the Jacobian across blocks is zero, a one-hot probe at
-    (position ``j`` of a block, channel ``c``) repeated in every block yields every block's
-    diagonal at once: ``block_size * d`` VJPs per evaluation; per-block sums give each block's
-    divergence. Hutchinson probes need no colouring (the cross-block terms vanish).
+    Every block of every sample is its own ODE: with ``dopri5`` (the default) each takes its
+    own steps (``colaprob.estimators.stepping``), so a block's density does not depend on the
+    other blocks or samples in the batch beyond float rounding; all are evaluated together,
+    each at its own ``t``. The other adaptive methods (torchdiffeq's) and the fixed grids share
+    one ``t`` and one step size across the batch. Since the Jacobian across blocks is zero, a
+    one-hot probe at (position ``j`` of a block, channel ``c``) repeated in every block yields
+    every block's diagonal at once: ``block_size * d`` VJPs per evaluation; per-block sums give
+    each block's divergence. Hutchinson probes need no colouring (the cross-block terms vanish).
 
     ``prefix_len`` ([...] or int): positions ``< prefix_len`` are clean: held at ``z0`` with
     ``t = 0`` (a prefix ending inside a block is given to that block as in training) and left
@@ -241,36 +251,40 @@ def block_causal_log_prob(
     _check_probes(probes, z0)
     _checks.integer("seed", seed, minimum=0)
     *batch_shape, L, d = z0.shape
-    n_blocks = -(-L // block_size)
     position = torch.arange(L, device=z0.device)
     prefix = _checks.integer_tensor("prefix_len", 0 if prefix_len is None else prefix_len, batch_shape, minimum=0, maximum=L).to(z0.device)
     length = _checks.integer_tensor("lengths", L if lengths is None else lengths, batch_shape, minimum=0, maximum=2**62).to(z0.device)
     if ((length % block_size != 0) & (length < L)).any():
         raise ValueError("lengths must end on a block boundary (or reach the end of z0)")
     noisy = (position >= prefix[..., None]) & (position < length[..., None])  # [..., L]
-    noisy_blocks = _per_block(noisy.to(z0.dtype), block_size) > 0  # [..., n_blocks]
+    noisy_blocks = sum_per_block(noisy.to(z0.dtype), block_size) > 0  # [..., n_blocks]
     # Position j of every block, channel c: one colour (cross-block derivatives are zero).
     colours = (position % block_size)[:, None] * d + torch.arange(d, device=z0.device)
     trace_terms = _trace_terms(solver, colours, z0, probes, seed)
     mask = noisy[..., None]
+    positions = _block_to_positions(block_size, L)
 
-    def field(z: Tensor, t: Tensor) -> Tensor:
+    def field(z: Tensor, t: Tensor) -> Tensor:  # t: 0-dim (shared) or [..., n_blocks]
         u = torch.where(mask, z, z0)
-        t_position = torch.where(noisy, t.to(z0.dtype), torch.zeros((), dtype=z0.dtype, device=z0.device))
+        t = t.to(z0.dtype) if t.dim() == 0 else positions(t.to(z0.dtype))
+        t_position = torch.where(noisy, t, torch.zeros((), dtype=z0.dtype, device=z0.device))
         return torch.where(mask, velocity(u, t_position, z0), 0.0)
 
     def reduce(terms: Tensor) -> Tensor:  # [n, ..., L, d] -> [n, ..., n_blocks]
-        return _per_block((terms * mask).sum(-1), block_size)
+        return sum_per_block((terms * mask).sum(-1), block_size)
 
-    def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:
+    def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:  # -> [..., n_blocks]
         z_ratio, logdet_ratio = ratio
-        sq = _per_block((z_ratio.pow(2) * mask).sum(-1), block_size)
-        count = _per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
-        return torch.maximum((sq / count).sqrt().max(), logdet_ratio.abs().max())
+        sq = sum_per_block((z_ratio.pow(2) * mask).sum(-1), block_size)
+        count = sum_per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
+        return torch.maximum((sq / count).sqrt(), logdet_ratio.abs().amax(0))
+
+    def spread(x: Tensor) -> tuple[Tensor, Tensor]:  # [..., n_blocks] -> to z and to log-det
+        return positions(x)[..., None], x[None]
 
     def solve(solver):
-        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, error_norm, solver)
-        prior = _per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
+        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, (error_norm, spread, ~noisy_blocks), solver)
+        prior = sum_per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
         return z1, prior, delta, nfe  # per probe: prior + delta, [n, ..., n_blocks]
 
     z1, prior, delta, nfe = solve(solver)
@@ -338,16 +352,22 @@ def sample(
     pinned = (position < prefix[..., None])[..., None]
     t_zero = torch.zeros((), dtype=clean.dtype, device=clean.device)
 
-    def dynamics(t: Tensor, z: Tensor) -> Tensor:
+    positions = _block_to_positions(block_size, L)
+
+    def dynamics(t: Tensor, z: Tensor) -> Tensor:  # t: 0-dim (shared) or [..., n_blocks]
         u = torch.where(pinned, clean, z.to(clean.dtype))
-        v = velocity(u, torch.where(pinned[..., 0], t_zero, t.to(clean.dtype)), clean)
+        t = t.to(clean.dtype) if t.dim() == 0 else positions(t.to(clean.dtype))
+        v = velocity(u, torch.where(pinned[..., 0], t_zero, t), clean)
         return torch.where(pinned, 0.0, v).double()
 
-    def error_norm(ratio: Tensor) -> Tensor:
-        return _per_block(ratio.pow(2).mean(-1), block_size).div(block_size).sqrt().max()
+    def error_norm(ratio: Tensor) -> Tensor:  # -> [..., n_blocks]
+        return sum_per_block(ratio.pow(2).mean(-1), block_size).div(block_size).sqrt()
+
+    def spread(x: Tensor) -> Tensor:
+        return positions(x)[..., None]
 
     with torch.no_grad():
-        z = _solve(dynamics, noise.double(), solver, error_norm, reverse=True)
+        z = _solve(dynamics, noise.double(), solver, (error_norm, spread, None), reverse=True)
     return torch.where(pinned, clean, z.to(clean.dtype))
 
 
@@ -404,8 +424,9 @@ def _draw_probes(kind: str, shape: tuple[int, ...], seed: int) -> Tensor:
     raise ValueError(f"probe must be 'rademacher' or 'gaussian', not {kind!r}")
 
 
-def _integrate(field, trace_terms, reduce, z0, error_norm, solver: Solver):
-    """Solve ``d[z, logdet]/dt = [v, reduce(div terms)]`` from 0 to 1: (z1, logdet, nfe)."""
+def _integrate(field, trace_terms, reduce, z0, elements, solver: Solver):
+    """Solve ``d[z, logdet]/dt = [v, reduce(div terms)]`` from 0 to 1: (z1, logdet, nfe).
+    ``elements``: as ``_solve``'s."""
     n_terms, terms = trace_terms
     nfe = 0
 
@@ -420,12 +441,23 @@ def _integrate(field, trace_terms, reduce, z0, error_norm, solver: Solver):
 
     with torch.no_grad():
         logdet0 = reduce(torch.zeros((n_terms, *z0.shape), dtype=torch.float64, device=z0.device))
-        z1, logdet = _solve(dynamics, (z0.detach().double(), logdet0), solver, error_norm)
+        z1, logdet = _solve(dynamics, (z0.detach().double(), logdet0), elements, solver)
     return z1, logdet, nfe
 
 
-def _solve(dynamics, state0, solver: Solver, error_norm, reverse: bool = False):
-    """The state at the far end of ``[0, 1]`` (of ``[1, 0]`` when ``reverse``)."""
+def _solve(dynamics, state0, elements, solver: Solver, reverse: bool = False):
+    """The state at the far end of ``[0, 1]`` (of ``[1, 0]`` when ``reverse``).
+
+    ``elements = (norm, spread, done)`` describes the independent elements of the state:
+    ``norm(ratio)`` is each element's error norm [*E] of scaled errors shaped like the state,
+    ``spread(x)`` an element-shaped ``x`` broadcast to the state, ``done`` [*E] the elements
+    with nothing to integrate (or None). ``dopri5`` steps every element on its own
+    (``stepping.solve``; ``dynamics`` then gets ``t`` [*E]); torchdiffeq's methods share one
+    step across the batch (``t`` 0-dim), controlled by the largest element norm, so one hard
+    sample is not diluted by an easy batch."""
+    norm, spread, done = elements
+    if solver.method == "dopri5":
+        return _solve_per_element(dynamics, state0, solver, norm, spread, done, reverse)
     device = state0[0].device if isinstance(state0, tuple) else state0.device
     if solver.fixed_grid:
         grid = torch.linspace(0.0, 1.0, solver.steps + 1, dtype=torch.float64, device=device)
@@ -433,8 +465,7 @@ def _solve(dynamics, state0, solver: Solver, error_norm, reverse: bool = False):
         grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
     if reverse:
         grid = grid.flip(0)
-    # A per-sample (per-block) error norm: one hard sample is not diluted by an easy batch.
-    options = {"norm": error_norm}
+    options = {"norm": lambda ratio: norm(ratio).max()}
     tolerances = {}
     if not solver.fixed_grid:
         # End a step exactly at the far end: otherwise torchdiffeq steps past it and returns
@@ -447,18 +478,39 @@ def _solve(dynamics, state0, solver: Solver, error_norm, reverse: bool = False):
     except AssertionError as error:
         if "underflow in dt" not in str(error):
             raise
-        raise SolverFailure(
-            f"the {solver.method} solver's step size underflowed before t reached the end (rtol {solver.rtol:g}, atol {solver.atol:g}): the "
-            "velocity's float32 rounding cannot meet these tolerances; loosen them (1e-8 or more) or use a fixed grid."
-        ) from None
+        raise _underflow(solver.method, solver.rtol, solver.atol) from None
     return tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
 
 
-def _per_block(x: Tensor, block_size: int) -> Tensor:
-    """Sum ``x`` [..., L] over blocks of ``block_size`` positions: [..., n_blocks]."""
-    L = x.shape[-1]
-    pad = -L % block_size
-    return torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, block_size)).sum(-1)
+def _solve_per_element(dynamics, state0, solver: Solver, norm, spread, done, reverse):
+    """``_solve`` by ``stepping.solve``; the reverse direction runs ``s = 1 - t`` forward."""
+    single = not isinstance(state0, tuple)
+    as_tuple = (lambda x: (x,)) if single else (lambda x: x)
+
+    def f(t: Tensor, state: tuple) -> tuple:
+        if not reverse:
+            return as_tuple(dynamics(t, state[0] if single else state))
+        return tuple(-v for v in as_tuple(dynamics(1.0 - t, state[0] if single else state)))
+
+    try:
+        y, _ = stepping.solve(f, as_tuple(state0), spread=lambda x: as_tuple(spread(x)), norm=lambda r: norm(r[0] if single else r), rtol=solver.rtol, atol=solver.atol, done=done)
+    except stepping.StepUnderflow as failure:
+        if not failure.finite:
+            raise SolverFailure(f"the velocity was not finite at t = {failure.time:.4g}, so the dopri5 solver cannot go on; check the model's weights and its input latents.") from None
+        raise _underflow(solver.method, solver.rtol, solver.atol) from None
+    return y[0] if single else y
+
+
+def _underflow(method: str, rtol: float, atol: float) -> SolverFailure:
+    return SolverFailure(
+        f"the {method} solver's step size underflowed before t reached the end (rtol {rtol:g}, atol {atol:g}): the "
+        "velocity's float32 rounding cannot meet these tolerances; loosen them (1e-8 or more) or use a fixed grid."
+    )
+
+
+def _block_to_positions(block_size: int, L: int):
+    """``x`` [..., n_blocks] -> [..., L]: each position takes its block's value."""
+    return lambda x: x.repeat_interleave(block_size, -1)[..., :L]
 
 
 def _settings(solver: Solver, probes: Tensor | None, seed: int, **extra) -> dict:

@@ -15,6 +15,20 @@ Two estimates, both from posterior draws of the whole text:
   the pairing (``statistics.paired_log_mean_exp_se``); ``variance_reduction`` is the ratio
   of the variance independent draws would give to this one.
 
+  A prefix that ends inside a prior block: the whole-text posterior of the covering block has
+  seen response tokens, so it is narrower than the prefix marginal's posterior there and the
+  prefix weights are heavy-tailed. Such rows draw the prefix term from a proposal that
+  conditions on the prefix only (``prefix_proposal``): ``model.posterior`` of the prefix
+  alone (the batch with ``lengths = prefix_tokens``) on the latent positions holding prefix
+  tokens, and the prior's noise ``N(0, I)`` in the prior space on the covering block's
+  positions after them (no prefix token reads them; the DiT space is scaled to unit
+  variance). Its draws use the same random streams, so they stay paired with the joint's.
+  The encoder sees whole latent positions: with ``patch_size > 1`` and a prefix ending
+  inside a position, Cola's encoder also reads that position's response tokens (the weights
+  stay valid, the proposal is then a little narrower). Where the prefix estimate's k-hat is
+  computable and above its threshold, ``prefix_heavy_tailed`` is True and a warning names
+  the sequences.
+
 * ``direct_log_likelihood``: how Cola generates a response: the prefix latents are fixed to
   the posterior mean and given to the prior as clean positions (``t = 0``, also inside a
   block), and ``log p(x_res | z_pre)`` is an IWAE-K over the response latents with the
@@ -25,7 +39,9 @@ Two estimates, both from posterior draws of the whole text:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -33,7 +49,7 @@ import xarray as xr
 
 from colaprob.estimators import _checks, cnf, statistics, streams, units
 from colaprob.estimators.draws import check_arguments, describe, draw, weights_dataset
-from colaprob.protocol import LatentModel, TokenBatch
+from colaprob.protocol import DiagonalGaussian, LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
 DIRECT_ESTIMATOR = "IWAE-{K} log p(x_res | z_pre = posterior mean), prefix latents clean at t = 0 (lower bound in expectation on the plug-in conditional)"
@@ -63,7 +79,9 @@ def conditional(
 
     Returns the IWAE dataset of the joint (``log_weight`` etc., see ``elbo``) with
     ``log_joint``, ``log_prefix`` and their ``_se``, ``log_weight_prefix``, ``khat_prefix``,
-    ``ess_prefix``, ``log_likelihood`` / ``log_likelihood_se`` (the conditional),
+    ``ess_prefix``, ``prefix_proposal`` (True where the prefix ends inside a prior block and
+    its term drew from the prefix-only proposal), ``prefix_heavy_tailed`` (k-hat of the
+    prefix term computable and above its threshold; a warning names these sequences), ``log_likelihood`` / ``log_likelihood_se`` (the conditional),
     ``independent_se``, ``variance_reduction``, ``prefix_tokens``, and with ``direct``:
     ``direct_log_likelihood`` / ``_se``, ``log_weight_direct``, ``khat_direct``,
     ``direct_applies``.
@@ -77,14 +95,27 @@ def conditional(
     options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
     draws = draw(model, batch, n_samples, keys=keys, prefix_tokens=prefix, **options)
     ds = weights_dataset(draws, keys, draws.log_weight)
-    s = draws.per_sample
+    s = dict(draws.per_sample)
+    own = prefix % (model.patch_size * model.block_size) != 0
+    if own.any():
+        s = _prefix_proposal_terms(model, batch, keys, prefix, own, n_samples, options, s)
+        draws.nfe += s.pop("nfe")
     ds["log_weight_prefix"] = (("sequence", "sample"), (s["decoder_prefix"] + s["prior_prefix"] - s["posterior_prefix"]).numpy())
     ds["prefix_tokens"] = ("sequence", prefix.numpy())
+    ds["prefix_proposal"] = ("sequence", own.numpy())
     for name, weights in (("joint", "log_weight"), ("prefix", "log_weight_prefix")):
         ds[f"log_{name}"] = statistics.log_mean_exp(ds[weights])
         ds[f"log_{name}_se"] = statistics.log_mean_exp_se(ds[weights])
     ds["khat_prefix"] = statistics.pareto_khat(ds["log_weight_prefix"])
     ds["ess_prefix"] = statistics.ess(ds["log_weight_prefix"])
+    ds["prefix_heavy_tailed"] = ds["khat_computable"] & (ds["khat_prefix"] > ds["khat_threshold"])
+    if ds["prefix_heavy_tailed"].any():
+        heavy = [str(key) for key in ds.sequence.values[ds["prefix_heavy_tailed"].values]]
+        warnings.warn(
+            f"the prefix term log p(x_pre) of sequence(s) {', '.join(heavy)} has heavy-tailed importance weights (k-hat above "
+            "its threshold), so its value and standard error may be far off; use more samples (K) and see prefix_heavy_tailed.",
+            stacklevel=2,
+        )
     ds["log_likelihood"] = ds["log_joint"] - ds["log_prefix"]
     ds["log_likelihood_se"] = statistics.paired_log_mean_exp_se(ds["log_weight"], ds["log_weight_prefix"])
     ds["independent_se"] = np.sqrt(ds["log_joint_se"] ** 2 + ds["log_prefix_se"] ** 2)
@@ -103,6 +134,40 @@ def conditional(
     if direct:
         ds.attrs["direct_estimator"] = DIRECT_ESTIMATOR.format(K=n_samples)
     return ds
+
+
+def _prefix_proposal_terms(model, batch, keys, prefix, rows_mask, n_samples, options, terms) -> dict:
+    """``terms`` with the prefix terms (``decoder_prefix``, ``prior_prefix``,
+    ``posterior_prefix`` [B, K], and ``prior_prefix_solver_error``) of the rows in
+    ``rows_mask`` redrawn from the prefix-only proposal (module docstring), and ``nfe``, the
+    velocity evaluations this took. Only the covering blocks are drawn and integrated."""
+    P, bs, d = model.patch_size, model.block_size, model.latent_dim
+    rows = torch.nonzero(rows_mask)[:, 0]
+    sub = batch.select(rows)
+    block_tokens = P * bs
+    covering_tokens = -(-prefix[rows] // block_tokens) * block_tokens
+    width = min(int(covering_tokens.max()), sub.ids.shape[1])
+    covering = dataclasses.replace(sub, ids=sub.ids[:, :width], lengths=torch.minimum(covering_tokens, sub.lengths))
+    with torch.no_grad():
+        alone = model.posterior(dataclasses.replace(covering, lengths=prefix[rows]))
+    L = -(-width // P)
+    read = torch.arange(L) < -(-prefix[rows] // P)[:, None]  # [R, L] positions holding prefix tokens
+    like = alone.mean
+    # N(0, I) on u = (z - shift) * scale is N(shift, scale^-2) on z.
+    mean = torch.full((len(rows), L, d), model.latent_shift, dtype=like.dtype, device=like.device)
+    logvar = torch.full_like(mean, -2 * math.log(abs(model.latent_scale)))
+    n = min(L, like.shape[-2])
+    keep = read[:, :n, None].to(like.device)
+    mean[:, :n] = torch.where(keep, like[:, :n], mean[:, :n])
+    logvar[:, :n] = torch.where(keep, alone.logvar[:, :n].to(logvar.dtype), logvar[:, :n])
+    draws = draw(model, covering, n_samples, keys=keys[rows], prefix_tokens=prefix[rows], proposal=DiagonalGaussian(mean, logvar), **options)
+    terms = dict(terms)
+    for name in ("decoder_prefix", "prior_prefix", "posterior_prefix", "prior_prefix_solver_error"):
+        if name in terms:
+            terms[name] = terms[name].clone()
+            terms[name][rows] = draws.per_sample[name]
+    terms["nfe"] = draws.nfe
+    return terms
 
 
 def _direct(model, batch, keys, prefix, n_samples, options, width) -> xr.Dataset:

@@ -41,6 +41,7 @@ sees it, so the proposal is the posterior the model learned.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -184,10 +185,12 @@ def continuation_log_prob(
     continuations; ``choice_valid`` says which exist), ``sample``: ``log_likelihood`` and
     ``log_likelihood_se`` (nats), ``log_joint``, ``log_context`` and their ``_se``,
     ``log_weight``, ``log_weight_context`` [item, choice, sample], ``n_tokens``, ``n_bytes``
-    of the continuation alone, ``context_tokens``, ``khat``, ``khat_context``, ``ess``; with
-    ``solver_error`` (a field of the solver) also ``log_joint_solver_error``,
-    ``log_context_solver_error`` and their sum ``log_likelihood_solver_error`` (nats, apart
-    from the Monte Carlo ``log_likelihood_se``); with the
+    of the continuation alone, ``context_tokens``, ``khat``, ``khat_context``, ``ess``,
+    ``context_heavy_tailed`` (k-hat of the context term computable and above its threshold;
+    a warning names these rows); with ``solver_error`` (a field of the solver) also
+    ``log_joint_solver_error``, ``log_context_solver_error`` and their sum
+    ``log_likelihood_solver_error`` (nats, apart from the Monte Carlo ``log_likelihood_se``);
+    with the
     estimator, solver settings and cost (``nfe``, ``dit_rows``: positions the prior network
     was evaluated at, summed over evaluations) as attributes.
     """
@@ -437,6 +440,18 @@ def _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk
     ds["khat_context"] = statistics.pareto_khat(ds["log_weight_context"])
     ds["khat_threshold"] = statistics.khat_threshold(n_samples)
     ds["ess"] = statistics.ess(ds["log_weight"])
+    # The context term's covering block is drawn from the joint row's posterior, which has
+    # seen the continuation: where the context ends inside a block its weights can be
+    # heavy-tailed (see colaprob.estimators.conditional); say so where k-hat can tell.
+    ds["context_heavy_tailed"] = bool(statistics.khat_computable(n_samples)) & (ds["khat_context"] > ds["khat_threshold"])
+    if ds["context_heavy_tailed"].any():
+        where = np.argwhere(ds["context_heavy_tailed"].values)
+        named = ", ".join(f"item {ds.item.values[i]} choice {c}" for i, c in where)
+        warnings.warn(
+            f"the context term log p(context) of {named} has heavy-tailed importance weights (k-hat above its threshold), "
+            "so its value and standard error may be far off; use more samples (K) and see context_heavy_tailed.",
+            stacklevel=3,
+        )
     ds.attrs.update(
         {
             "estimator": ESTIMATOR.format(K=n_samples),

@@ -18,8 +18,10 @@ construction, not by a test.
 
 Randomness: ``eps_k`` of a sequence and its Hutchinson probes come from its own streams
 (``colaprob.estimators.streams``), so a sequence gets the same numbers whatever batch, shard,
-chunk size or resumed run it is in (with an adaptive solver the shared step sizes still
-differ, within the tolerance; fixed-step solvers reproduce exactly). K is processed ``chunk_size`` samples at a time.
+chunk size or resumed run it is in: fixed-step solvers reproduce exactly, and the default
+``dopri5`` steps every block of every draw on its own (``colaprob.estimators.stepping``), so
+only the float32 rounding of the velocity, which can depend on the batch's padded length,
+moves it (README, "Choosing estimator settings"). K is processed ``chunk_size`` samples at a time.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def draw(
     pinned: Tensor | None = None,
     per_block: bool = False,
     keep_latents: bool = False,
+    proposal: DiagonalGaussian | None = None,
 ) -> Draws:
     """Samples ``start .. start + n_samples - 1`` of every sequence and their weight terms,
     the prior's density solved by ``solver``.
@@ -156,6 +159,8 @@ def draw(
     clean positions (``t = 0``) and count only the tokens from ``pinned * patch_size`` on
     and the latents from ``pinned`` on (the direct conditional). ``per_block``: also keep
     every sample's per-block prior and posterior terms; ``keep_latents``: also the draws.
+    ``proposal``: draw from this [B, L, d] instead of ``model.posterior(batch)`` (the prefix
+    proposal of ``colaprob.estimators.conditional``).
     """
     check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     _checks.integer("start", start, minimum=0)
@@ -163,7 +168,7 @@ def draw(
     B, N = batch.ids.shape
     layout = LatentLayout.of(model, batch)
     with torch.no_grad():
-        q = model.posterior(batch)
+        q = model.posterior(batch) if proposal is None else proposal
     device, dtype = q.mean.device, q.mean.dtype
     L = q.mean.shape[-2]
     lengths, n_blocks = layout.positions(), layout.n_blocks  # latent positions per sequence; blocks

@@ -128,3 +128,17 @@ def test_bad_settings_name_themselves(cola):
         continuation_log_prob(cola, ["a"], [[" b"]], 0)
     with pytest.raises(ValueError, match="item_ids"):
         continuation_log_prob(cola, ["a"], [[" b"]], 2, item_ids=[-1])
+
+
+def test_heavy_tailed_context_weights_are_flagged_and_named():
+    """A context of one token inside a latent position that a sharp decoder's continuation
+    token shares: the joint row's posterior is a heavy-tailed proposal for the context term."""
+    from test_conditional import _sharp_decoder_model
+
+    model = _sharp_decoder_model()
+    batch = ContinuationBatch.from_tokens([[0], [2, 1]], [[[1, 2, 1], [2, 0, 2]], [[0, 1]]], multiple=2)
+    with pytest.warns(UserWarning, match=r"context term log p\(context\) of item 0 choice"):
+        ds = score_continuations(model, batch, 512, chunk_size=512, **FIXED)
+    flagged = ds.context_heavy_tailed.values
+    assert flagged.any() and flagged.tolist() == (ds.khat_context > ds.khat_threshold).values.tolist()
+    assert not flagged[1].any()  # a context on a block boundary
