@@ -119,7 +119,7 @@ def test_the_plan_refuses_when_one_sequence_one_sample_one_vjp_cannot_fit(fixtur
     model = colaprob.load(fixture_dirs[0])
     smallest = memory.peak_bytes(model, memory.Workload(1, 2048, 1, None, 1))
     request = memory.Request(batch=8, tokens=2048, samples=32, chunk=32)
-    with pytest.raises(ColaprobError, match=r"^one sequence of 2048 tokens with one sample and one vector-Jacobian product at a time would need about [\d.]+ [KMGT]?B at its peak, more than the [\d.]+ [KMGT]?B there is; [^.]*\.$"):
+    with pytest.raises(ColaprobError, match=r"^one sequence of 2048 tokens with one sample and one vector-Jacobian product at a time would need about [\d.]+ [KMGT]?B at its peak \(the float32 weights alone [\d.]+ [KMGT]?B\), more than the [\d.]+ [KMGT]?B there is; [^.]*\.$"):
         memory.plan(model, request, smallest - 1)
     assert memory.plan(model, request, smallest).peak_bytes == smallest
 
