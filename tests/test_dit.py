@@ -201,12 +201,13 @@ OPS = {"gelu_tanh": (ops.gelu_tanh, lambda x: F.gelu(x, approximate="tanh")), "s
 
 
 @pytest.mark.parametrize("name", list(OPS))
-def test_ops_are_the_fused_kernels_with_every_derivative(name):
+def test_ops_are_the_fused_kernels_with_every_derivative(name, monkeypatch):
     """Forward, first and second derivatives (against finite differences), forward mode and
     vmap agree with torch's own kernels; in float64."""
     ours, theirs = OPS[name]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, W, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(ops, "MIN_ELEMENTS", 1)  # the function, not the kernel alone, at this size
     torch.testing.assert_close(ours(x), theirs(x))
     assert torch.autograd.gradcheck(ours, (x,)) and torch.autograd.gradgradcheck(ours, (x,))
     tangent = torch.randn_like(x)
@@ -219,10 +220,11 @@ def test_ops_are_the_fused_kernels_with_every_derivative(name):
         torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_the_batched_backward_runs_once_for_all_probes_but_layer_norm(dit):
+def test_the_batched_backward_runs_once_for_all_probes_but_layer_norm(dit, monkeypatch):
     """torch warns when vmap runs an op once per probe (no batching rule); in the DiT's
     batched backward pass, as the exact trace takes it, only LayerNorm's does (kept there on
     purpose, see ``colaprob.ops``)."""
+    monkeypatch.setattr(ops, "MIN_ELEMENTS", 1)  # a DiT of official size, as far as the ops can tell
     clean, noisy, tau = inputs()
     z = noisy.clone().requires_grad_(True)
     v = dit.velocity_2l(clean, z, tau, dit.config.block_size, dit.clean_history(clean, dit.config.block_size))

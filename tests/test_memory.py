@@ -190,3 +190,9 @@ def test_a_failure_at_chunk_one_is_one_sentence_and_other_errors_pass_through():
         memory.AdaptiveChunk(4).run(broken)
     with pytest.raises(ValueError, match="size"):
         memory.AdaptiveChunk(0)
+
+
+def test_the_budget_is_the_limit_or_the_free_memory():
+    assert memory.budget(5 << 30, "cpu") == 5 << 30
+    free = memory.budget(None, "cpu")
+    assert free is None or 0 < free <= memory.available_bytes("cpu") * 2  # MemAvailable moves between the two reads
