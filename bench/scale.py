@@ -268,7 +268,8 @@ def main(argv=None) -> None:
     if args.vjps is None and device.type == "cpu" and not args.quick:
         args.vjps = 32
     torch.manual_seed(0)
-    measure(args, DiT(config), "official widths, random weights", args.lengths, args.vjps, True, device)
+    label = "tiny widths (--quick), random weights" if args.quick else "official widths, random weights"
+    measure(args, DiT(config), label, args.lengths, args.vjps, True, device)
     if args.embedded_lengths:
         import colaprob
 

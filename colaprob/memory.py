@@ -181,10 +181,11 @@ def plan(model, request: Request, budget_bytes: int) -> MemoryPlan:
             work = replace(work, **{field: getattr(work, field) // 2})
             need = peak_bytes(model, work)
     if need > budget_bytes:
+        weights = FLOAT * sum(p.numel() for p in model.parameters())
         raise ColaprobError(
             f"one sequence of {request.tokens} tokens with one sample and one vector-Jacobian product at a time would need "
-            f"about {human(need)} at its peak, more than the {human(budget_bytes)} there is; shorten the texts (--split) "
-            "or use a machine with more memory."
+            f"about {human(need)} at its peak (the float32 weights alone {human(weights)}), more than the {human(budget_bytes)} "
+            "there is; shorten the texts (--split) or use a machine with more memory."
         )
     return MemoryPlan(batch=work.batch, chunk=work.chunk, vjp_chunk=work.vjp_chunk, peak_bytes=need, budget_bytes=budget_bytes)
 

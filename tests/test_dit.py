@@ -7,6 +7,7 @@ the AdaLN modulations computed once per distinct timestep."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -196,38 +197,34 @@ def test_prior_velocity_under_torch_func(model, cached):
 # -- the batched-backward forms (colaprob.ops) and the per-timestep AdaLN -------------------------
 
 W = 8
-OPS = {
-    "layer_norm-affine": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, (W,), w, b, 1e-5)),
-    "layer_norm-plain": (lambda x, w, b: ops.layer_norm(x, None, None, 1e-5), lambda x, w, b: F.layer_norm(x, (W,), None, None, 1e-5)),
-    "gelu_tanh": (lambda x, w, b: ops.gelu_tanh(x), lambda x, w, b: F.gelu(x, approximate="tanh")),
-    "softmax": (lambda x, w, b: ops.softmax(x), lambda x, w, b: x.softmax(-1)),
-}
+OPS = {"gelu_tanh": (ops.gelu_tanh, lambda x: F.gelu(x, approximate="tanh")), "softmax": (ops.softmax, lambda x: x.softmax(-1))}
 
 
 @pytest.mark.parametrize("name", list(OPS))
-def test_ops_are_the_fused_kernels_with_every_derivative(name):
+def test_ops_are_the_fused_kernels_with_every_derivative(name, monkeypatch):
     """Forward, first and second derivatives (against finite differences), forward mode and
     vmap agree with torch's own kernels; in float64."""
     ours, theirs = OPS[name]
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in ((3, 5, W), (W,), (W,)))
-    torch.testing.assert_close(ours(x, w, b), theirs(x, w, b))
-    assert torch.autograd.gradcheck(ours, (x, w, b)) and torch.autograd.gradgradcheck(ours, (x, w, b))
-    tangents = tuple(torch.randn_like(a) for a in (x, w, b))
-    torch.testing.assert_close(torch.func.jvp(ours, (x, w, b), tangents)[1], torch.func.jvp(theirs, (x, w, b), tangents)[1])
-    torch.testing.assert_close(torch.func.vmap(lambda x: ours(x, w, b))(x), theirs(x, w, b))
+    x = torch.randn(3, 5, W, generator=g, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(ops, "MIN_ELEMENTS", 1)  # the function, not the kernel alone, at this size
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert torch.autograd.gradcheck(ours, (x,)) and torch.autograd.gradgradcheck(ours, (x,))
+    tangent = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.jvp(ours, (x,), (tangent,))[1], torch.func.jvp(theirs, (x,), (tangent,))[1])
+    torch.testing.assert_close(torch.func.vmap(ours)(x), theirs(x))
     probes = torch.randn(4, 3, 5, W, generator=g, dtype=torch.float64)
-    batched = torch.autograd.grad(ours(x, w, b), (x, w), probes, is_grads_batched=True, allow_unused=True)
-    expected = torch.autograd.grad(theirs(x, w, b), (x, w), probes, is_grads_batched=True, allow_unused=True)
-    for a, e in zip(batched, expected):
-        assert (a is None) == (e is None)
-        if e is not None:
-            torch.testing.assert_close(a, e)
+    batched = torch.autograd.grad(ours(x), x, probes, is_grads_batched=True)[0]
+    torch.testing.assert_close(batched, torch.autograd.grad(theirs(x), x, probes, is_grads_batched=True)[0])
+    with torch.no_grad():  # nothing recorded: the fused kernel alone
+        torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_the_batched_backward_runs_once_for_all_probes(dit):
-    """torch warns when vmap runs an op once per probe (no batching rule); the DiT's batched
-    backward pass, as the exact trace takes it, triggers no such warning."""
+def test_the_batched_backward_runs_once_for_all_probes_but_layer_norm(dit, monkeypatch):
+    """torch warns when vmap runs an op once per probe (no batching rule); in the DiT's
+    batched backward pass, as the exact trace takes it, only LayerNorm's does (kept there on
+    purpose, see ``colaprob.ops``)."""
+    monkeypatch.setattr(ops, "MIN_ELEMENTS", 1)  # a DiT of official size, as far as the ops can tell
     clean, noisy, tau = inputs()
     z = noisy.clone().requires_grad_(True)
     v = dit.velocity_2l(clean, z, tau, dit.config.block_size, dit.clean_history(clean, dit.config.block_size))
@@ -238,7 +235,8 @@ def test_the_batched_backward_runs_once_for_all_probes(dit):
             torch.autograd.grad(v, z, torch.randn(5, *v.shape), is_grads_batched=True)
     finally:
         torch._C._debug_only_display_vmap_fallback_warnings(False)
-    assert not [str(w.message)[:120] for w in caught if "batching rule" in str(w.message)]
+    per_probe = {m.group(1) for w in caught if (m := re.search(r"batching rule for (aten::\w+)", str(w.message)))}
+    assert per_probe == {"aten::native_layer_norm_backward"}
 
 
 def test_parameter_gradients_count_each_row_once(dit):

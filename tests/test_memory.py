@@ -119,7 +119,7 @@ def test_the_plan_refuses_when_one_sequence_one_sample_one_vjp_cannot_fit(fixtur
     model = colaprob.load(fixture_dirs[0])
     smallest = memory.peak_bytes(model, memory.Workload(1, 2048, 1, None, 1))
     request = memory.Request(batch=8, tokens=2048, samples=32, chunk=32)
-    with pytest.raises(ColaprobError, match=r"^one sequence of 2048 tokens with one sample and one vector-Jacobian product at a time would need about [\d.]+ [KMGT]?B at its peak, more than the [\d.]+ [KMGT]?B there is; [^.]*\.$"):
+    with pytest.raises(ColaprobError, match=r"^one sequence of 2048 tokens with one sample and one vector-Jacobian product at a time would need about [\d.]+ [KMGT]?B at its peak \(the float32 weights alone [\d.]+ [KMGT]?B\), more than the [\d.]+ [KMGT]?B there is; [^.]*\.$"):
         memory.plan(model, request, smallest - 1)
     assert memory.plan(model, request, smallest).peak_bytes == smallest
 
@@ -190,3 +190,9 @@ def test_a_failure_at_chunk_one_is_one_sentence_and_other_errors_pass_through():
         memory.AdaptiveChunk(4).run(broken)
     with pytest.raises(ValueError, match="size"):
         memory.AdaptiveChunk(0)
+
+
+def test_the_budget_is_the_limit_or_the_free_memory():
+    assert memory.budget(5 << 30, "cpu") == 5 << 30
+    free = memory.budget(None, "cpu")
+    assert free is None or 0 < free <= memory.available_bytes("cpu") * 2  # MemAvailable moves between the two reads
