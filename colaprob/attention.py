@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from colaprob.ops import softmax
 
 
 def block_causal(q_pos: Tensor, k_pos: Tensor, block_size: int | Tensor) -> Tensor:
@@ -32,13 +31,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     heads concatenated in order. Masked scores get ``finfo.min`` added, which leaves them at
     ``finfo.min`` in float rounding, as the official code sets them (a row with nothing
     allowed, which only padding can produce, then averages instead of NaN); an addition
-    rather than ``masked_fill``, and ``colaprob.ops.softmax``, so that a batched backward
-    pass runs once for all probes.
+    rather than ``masked_fill``, whose backward a batched backward pass would run once per
+    probe.
     """
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     scores = scores + bias[:, None]
-    return (softmax(scores) @ v).transpose(1, 2).flatten(2)
+    return (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
 
 
 @dataclass

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from colaprob.config import DiTConfig
 from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
-from colaprob.ops import gelu_tanh
 
 TIMESTEP_FEATURES = 256
 
@@ -52,7 +51,9 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, tau: Tensor) -> Tensor:
         timesteps, level = torch.unique(tau, return_inverse=True)
-        x = timestep_features(timesteps).to(self.proj_in.weight.dtype)
+        # At least two rows: a one-row product takes another kernel (matrix-vector) whose
+        # rounding differs, and a timestep's embedding must not depend on the other rows.
+        x = timestep_features(timesteps.expand(2) if len(timesteps) == 1 else timesteps).to(self.proj_in.weight.dtype)
         return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(x)))))[level]
 
 
@@ -108,8 +109,9 @@ class Attention(nn.Module):
 
 def per_row(values: Tensor, level: Tensor | None) -> Tensor:
     """``values`` [U, n] of the distinct timesteps at each row: [B, Lq, n] by ``level`` [B, Lq];
-    ``level`` None (one timestep for all rows): [1, n], which broadcasts."""
-    return values if level is None else values[level]
+    ``level`` None (one timestep for all rows, computed on two copies): [1, n], which
+    broadcasts."""
+    return values[:1] if level is None else values[level]
 
 
 def ada_linear(width: int, out: int) -> nn.Sequential:
@@ -146,7 +148,7 @@ class Block(nn.Module):
         x = x + per_row(self.ada.msa_out(e), level) * o
         shift, scale = per_row(self.ada.mlp_in(e), level).chunk(2, -1)
         m = self.mlp_norm(x) * (1 + scale) + shift
-        x = x + per_row(self.ada.mlp_out(e), level) * self.mlp.proj_out(gelu_tanh(self.mlp.proj_in(m)))
+        x = x + per_row(self.ada.mlp_out(e), level) * self.mlp.proj_out(F.gelu(self.mlp.proj_in(m), approximate="tanh"))
         return x, kv
 
 
@@ -205,7 +207,10 @@ class DiT(nn.Module):
         timesteps, level = torch.unique(tau, return_inverse=True)
         rows = self.emb_in(tau).flatten(0, 1)
         if len(timesteps) == 1:
-            return rows[:1], None
+            # Two copies, not one: a one-row product takes another kernel (matrix-vector)
+            # whose rounding differs, and a timestep's modulation must not depend on whether
+            # another timestep shares the call (the rows of a batch must not move each other).
+            return rows[:1].expand(2, -1), None
         first = torch.empty_like(timesteps, dtype=torch.long).scatter_(0, level.flatten(), torch.arange(len(rows), device=tau.device))
         return rows[first], level  # any row of each timestep
 

@@ -1,20 +1,15 @@
 """The block-causal DiT: its four ways of running agree (2L, 2L with the clean-history cache,
 KV-cached generation, the unconditional pass), per-sample block sizes, the block structure of
-its Jacobian, and ``ColaModel.prior_velocity`` under ``torch.func`` and batched gradients; the
-forms of LayerNorm, GELU-tanh and softmax whose batched backward runs once for all probes, and
+its Jacobian, and ``ColaModel.prior_velocity`` under ``torch.func`` and batched gradients, and
 the AdaLN modulations computed once per distinct timestep."""
 
 from __future__ import annotations
 
 import copy
-import re
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from colaprob import ops
 from colaprob.config import DiTConfig, VAEConfig
 from colaprob.dit import DiT, mask_2l
 from colaprob.model import ColaModel
@@ -194,49 +189,7 @@ def test_prior_velocity_under_torch_func(model, cached):
     torch.testing.assert_close(batched, torch.stack([pullback(e)[0] for e in probes]), atol=1e-5, rtol=1e-5)
 
 
-# -- the batched-backward forms (colaprob.ops) and the per-timestep AdaLN -------------------------
-
-W = 8
-OPS = {"gelu_tanh": (ops.gelu_tanh, lambda x: F.gelu(x, approximate="tanh")), "softmax": (ops.softmax, lambda x: x.softmax(-1))}
-
-
-@pytest.mark.parametrize("name", list(OPS))
-def test_ops_are_the_fused_kernels_with_every_derivative(name, monkeypatch):
-    """Forward, first and second derivatives (against finite differences), forward mode and
-    vmap agree with torch's own kernels; in float64."""
-    ours, theirs = OPS[name]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, W, generator=g, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(ops, "MIN_ELEMENTS", 1)  # the function, not the kernel alone, at this size
-    torch.testing.assert_close(ours(x), theirs(x))
-    assert torch.autograd.gradcheck(ours, (x,)) and torch.autograd.gradgradcheck(ours, (x,))
-    tangent = torch.randn_like(x)
-    torch.testing.assert_close(torch.func.jvp(ours, (x,), (tangent,))[1], torch.func.jvp(theirs, (x,), (tangent,))[1])
-    torch.testing.assert_close(torch.func.vmap(ours)(x), theirs(x))
-    probes = torch.randn(4, 3, 5, W, generator=g, dtype=torch.float64)
-    batched = torch.autograd.grad(ours(x), x, probes, is_grads_batched=True)[0]
-    torch.testing.assert_close(batched, torch.autograd.grad(theirs(x), x, probes, is_grads_batched=True)[0])
-    with torch.no_grad():  # nothing recorded: the fused kernel alone
-        torch.testing.assert_close(ours(x), theirs(x))
-
-
-def test_the_batched_backward_runs_once_for_all_probes_but_layer_norm(dit, monkeypatch):
-    """torch warns when vmap runs an op once per probe (no batching rule); in the DiT's
-    batched backward pass, as the exact trace takes it, only LayerNorm's does (kept there on
-    purpose, see ``colaprob.ops``)."""
-    monkeypatch.setattr(ops, "MIN_ELEMENTS", 1)  # a DiT of official size, as far as the ops can tell
-    clean, noisy, tau = inputs()
-    z = noisy.clone().requires_grad_(True)
-    v = dit.velocity_2l(clean, z, tau, dit.config.block_size, dit.clean_history(clean, dit.config.block_size))
-    torch._C._debug_only_display_vmap_fallback_warnings(True)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.autograd.grad(v, z, torch.randn(5, *v.shape), is_grads_batched=True)
-    finally:
-        torch._C._debug_only_display_vmap_fallback_warnings(False)
-    per_probe = {m.group(1) for w in caught if (m := re.search(r"batching rule for (aten::\w+)", str(w.message)))}
-    assert per_probe == {"aten::native_layer_norm_backward"}
+# -- the per-timestep AdaLN ---------------------------------------------------------------------
 
 
 def test_parameter_gradients_count_each_row_once(dit):
