@@ -116,21 +116,6 @@ def human(n: float) -> str:
     raise AssertionError
 
 
-def check_fits(model, work: Workload, limit: int | None, device, what: str) -> int:
-    """Refuse ``work`` when its estimate exceeds ``limit`` (``--max-memory``) or, without a
-    limit, the free memory of ``device``; returns the estimate in bytes."""
-    need = peak_bytes(model, work)
-    budget = limit if limit is not None else available_bytes(device)
-    if budget is not None and need > budget:
-        source = "--max-memory" if limit is not None else "the free memory of this machine"
-        raise ColaprobError(
-            f"{what} would need about {human(need)} at its peak ({work.batch} sequences of {work.tokens} tokens, "
-            f"{work.chunk} samples at a time), more than {source} ({human(budget)}); lower --chunk-size or --batch-size, "
-            "or shorten the texts (--split), or raise --max-memory if the memory is there."
-        )
-    return need
-
-
 @dataclass(frozen=True)
 class Request:
     """What a run asks for: ``batch`` sequences per batch (``--batch-size``) framed to at most
@@ -166,11 +151,12 @@ class MemoryPlan:
     budget_bytes: int
 
 
-def plan(model, request: Request, budget_bytes: int) -> MemoryPlan:
+def plan(model, request: Request, budget_bytes: int, source: str = "the memory there is") -> MemoryPlan:
     """The largest settings up to ``request`` whose estimated peak fits ``budget_bytes``:
     the VJP chunk is halved first (it changes only how many backward passes an evaluation
     takes), then the sample chunk, then the batch. Raises ``ColaprobError`` when even one
-    sequence with one sample and one product at a time would not fit."""
+    sequence with one sample and one product at a time would not fit; ``source`` names the
+    budget in that sentence (``--max-memory``, the free memory)."""
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 1:
         raise ValueError(f"budget_bytes must be a positive integer, not {budget_bytes!r}")
     vjps = vjps_per_evaluation(model, request.probes)
@@ -184,8 +170,8 @@ def plan(model, request: Request, budget_bytes: int) -> MemoryPlan:
         weights = FLOAT * sum(p.numel() for p in model.parameters())
         raise ColaprobError(
             f"one sequence of {request.tokens} tokens with one sample and one vector-Jacobian product at a time would need "
-            f"about {human(need)} at its peak (the float32 weights alone {human(weights)}), more than the {human(budget_bytes)} "
-            "there is; shorten the texts (--split) or use a machine with more memory."
+            f"about {human(need)} at its peak (the float32 weights alone {human(weights)}), more than {source} ({human(budget_bytes)}); "
+            "shorten the texts (--split), raise --max-memory if the memory is there, or use a machine with more memory."
         )
     return MemoryPlan(batch=work.batch, chunk=work.chunk, vjp_chunk=work.vjp_chunk, peak_bytes=need, budget_bytes=budget_bytes)
 

@@ -92,7 +92,7 @@ def test_bad_input_is_one_sentence(tmp_path):
     assert not (tmp_path / "out.nc").exists()
     # A batch of items whose choices cannot fit in memory is refused before any work.
     outcome = run_cli("eval", path, "--model", FIXTURE, *FAST, "--max-memory", "64K", "-o", tmp_path / "out.nc")
-    assert_one_line_error(outcome, "the evaluation would need about", "more than --max-memory")
+    assert_one_line_error(outcome, "with one sample and one vector-Jacobian product at a time would need about", "more than --max-memory (64.0 KB)")
     assert not (tmp_path / "out.nc").exists()
 
 

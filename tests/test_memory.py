@@ -59,14 +59,6 @@ def test_estimate_scales_with_the_settings(fixture_dirs):
     assert memory.peak_bytes(model, memory.Workload(batch=2, tokens=128, chunk=4)) - weights > 2 * base  # attention grows faster
 
 
-def test_a_run_over_the_limit_is_refused_with_the_figure(fixture_dirs):
-    model = colaprob.load(fixture_dirs[0])
-    work = memory.Workload(batch=8, tokens=2048, chunk=32)
-    with pytest.raises(ColaprobError, match=r"would need about [\d.]+ (GB|TB) at its peak .* more than --max-memory \(1\.0 GB\); lower --chunk-size"):
-        memory.check_fits(model, work, memory.parse_size("1G"), "cpu", "scoring")
-    assert memory.check_fits(model, memory.Workload(1, 16, 1), memory.parse_size("1G"), "cpu", "scoring") < 1 << 30
-
-
 @pytest.mark.parametrize("text, size", [("8G", 8 << 30), ("512M", 512 << 20), ("1.5k", 1536), ("100000", 100000), ("2GiB", 2 << 30)])
 def test_sizes(text, size):
     assert memory.parse_size(text) == size
@@ -119,7 +111,7 @@ def test_the_plan_refuses_when_one_sequence_one_sample_one_vjp_cannot_fit(fixtur
     model = colaprob.load(fixture_dirs[0])
     smallest = memory.peak_bytes(model, memory.Workload(1, 2048, 1, None, 1))
     request = memory.Request(batch=8, tokens=2048, samples=32, chunk=32)
-    with pytest.raises(ColaprobError, match=r"^one sequence of 2048 tokens with one sample and one vector-Jacobian product at a time would need about [\d.]+ [KMGT]?B at its peak \(the float32 weights alone [\d.]+ [KMGT]?B\), more than the [\d.]+ [KMGT]?B there is; [^.]*\.$"):
+    with pytest.raises(ColaprobError, match=r"^one sequence of 2048 tokens with one sample and one vector-Jacobian product at a time would need about [\d.]+ [KMGT]?B at its peak \(the float32 weights alone [\d.]+ [KMGT]?B\), more than the memory there is \([\d.]+ [KMGT]?B\); [^.]*\.$"):
         memory.plan(model, request, smallest - 1)
     assert memory.plan(model, request, smallest).peak_bytes == smallest
 

@@ -143,7 +143,8 @@ def plan_memory(model, target: Target, device, what: str, *, solver: Solver, bat
         batch=batch, tokens=tokens, samples=samples, chunk=min(chunk, samples), probes=solver.n_probes if solver.hutchinson else None, vjp_chunk=solver.vjp_chunk
     )
     budget = memory.budget(target.max_memory, device)
-    planned = memory.plan(model, request, budget if budget is not None else 2**62)  # unknown free memory: as asked
+    source = "--max-memory" if target.max_memory is not None else "the free memory of this machine"
+    planned = memory.plan(model, request, budget if budget is not None else 2**62, source)  # unknown free memory: as asked
     lowered = [
         f"{name} {asked} -> {got}"
         for name, asked, got in (("vjp chunk", min(request.vjp_chunk, memory.vjps_per_evaluation(model, request.probes)), planned.vjp_chunk), ("samples solved together", request.chunk, planned.chunk), ("rows per model call", request.batch, planned.batch))
@@ -152,7 +153,7 @@ def plan_memory(model, target: Target, device, what: str, *, solver: Solver, bat
     if lowered and budget is not None:
         print(
             f"colaprob: {what}: {', '.join(lowered)} so that the estimated peak ({memory.human(planned.peak_bytes)}) fits "
-            f"{'--max-memory' if target.max_memory is not None else 'the free memory'} ({memory.human(budget)}).",
+            f"{source} ({memory.human(budget)}).",
             file=sys.stderr,
         )
     return planned
