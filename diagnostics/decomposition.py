@@ -74,7 +74,7 @@ def decompose(
     blocks on which ``q_bar`` lives (default: the fewest blocks of any sequence);
     ``batch_size``: sequences per model call and ``chunk_size`` samples solved together
     (default: all K; each sequence's draws come from its own random stream -- the same as ``colaprob.estimators.elbo`` with this ``seed`` -- so the result does
-    not depend on it beyond the solver's shared step sizes); ``solver``: how the prior's CNF is
+    not depend on it beyond float32 rounding); ``solver``: how the prior's CNF is
     solved (``cnf.Solver``, or its fields as keywords, as in ``colaprob.estimators.elbo``);
     ``progress``: a progress bar over the batches.
 

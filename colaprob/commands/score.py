@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size",
         type=options.positive_int,
         default=32,
-        help="samples solved together, to bound memory; part of the settings, since with an adaptive solver it "
-        "moves the numbers within the tolerance (default: 32)",
+        help="samples solved together at most, to bound memory (the memory plan may lower it); part of the settings, "
+        "since it can move a number by float32 rounding amplified by the solver's step control (default: 32)",
     )
     group.add_argument("--batch-size", type=options.positive_int, default=8, help="documents per batch and per saved shard (default: 8)")
     group.add_argument(
