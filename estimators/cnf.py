@@ -367,7 +367,7 @@ def sample(
         return positions(x)[..., None]
 
     with torch.no_grad():
-        z = _solve(dynamics, noise.double(), solver, (error_norm, spread, None), reverse=True)
+        z = _solve(dynamics, noise.double(), (error_norm, spread, None), solver, reverse=True)
     return torch.where(pinned, clean, z.to(clean.dtype))
 
 
