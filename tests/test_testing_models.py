@@ -73,7 +73,11 @@ def test_quadrature_log_prob_agrees_with_importance_sampling(model, data):
     counted = torch.arange(q.mean.shape[1]) < model.latent_lengths(batch)[:, None]
     log_w = model.log_joint(z, batch, batch.lengths) - (q.log_prob(z) * counted).sum(-1)
     estimate = torch.logsumexp(log_w, 0) - math.log(len(eps))
-    assert torch.allclose(estimate, model.exact_log_prob(batch), atol=0.02)
+    # Monte Carlo error of log mean w (delta method): sd(w) / (sqrt(n) mean(w)); a drawn
+    # model with a poor proposal has heavy weights, so a fixed tolerance fails at random.
+    w = torch.exp(log_w - log_w.max(0).values)
+    se = w.std(0) / (math.sqrt(len(eps)) * w.mean(0))
+    assert (torch.abs(estimate - model.exact_log_prob(batch)) < 5 * se + 0.005).all(), (estimate, model.exact_log_prob(batch), se)
     assert torch.allclose(model.unscaled().exact_log_prob(batch), model.exact_log_prob(batch), atol=1e-9)
     logits = model.decoder_logits(z[:2], batch)
     assert torch.allclose(torch.log_softmax(logits, -1).gather(-1, batch.ids.expand(2, -1, -1)[..., None])[..., 0], model.decoder_log_prob(z[:2], batch))
