@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from colaprob import distributed, results, runner, tasks
+from colaprob import results, runner, tasks
 from colaprob.commands import options, output, runs
 from colaprob.errors import ColaprobError
 from colaprob.estimators.solver import Solver
@@ -71,21 +71,12 @@ class Settings:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings, target = Settings.from_args(args), runs.Target.from_args(args)
-    ctx = distributed.from_environment(args.device)
-    try:
-        merged = execute(settings, target, ctx)
-    finally:
-        distributed.shutdown(ctx)
-    if ctx.is_main:
-        report(merged, args)
-    return 0
+    return runs.run_command(args, Settings.from_args(args), execute, report)
 
 
 def execute(settings: Settings, target: runs.Target, ctx, desc: str = "items"):
     """Evaluate ``target``'s task files into ``target.output`` through ``colaprob.runner``, every rank of ``ctx`` together; the merged dataset."""
-    job = ctx.agree(lambda: prepare(settings, target, ctx))
-    return runner.run(job.plan, job.score_batch, target.output, finish=job.finish, ctx=ctx, overwrite=target.overwrite, progress=target.progress, desc=desc)
+    return runs.run_job(prepare, settings, target, ctx, desc)
 
 
 def prepare(settings: Settings, target: runs.Target, ctx) -> "Job":
@@ -173,15 +164,14 @@ class Job:
         self.plan = runner.Plan(record, n_items=len(items), batch_size=settings.batch_size)
 
     def score_batch(self, positions: range) -> xr.Dataset:
-        s, step = self.settings, self.items_per_call
+        s = self.settings
         solver = s.solver.replace(vjp_chunk=self.planned.vjp_chunk)
 
         def part(rows: range, chunk: int) -> xr.Dataset:
             chosen = [self.items[i] for i in rows]
             return score_items(self.model, chosen, s.samples, rows, self.n_choices, seed=s.seed, chunk_size=chunk, solver=solver)
 
-        parts = [self.chunk.run(lambda chunk: part(positions[i : i + step], chunk)) for i in range(0, len(positions), step)]
-        return parts[0] if len(parts) == 1 else runner.concat_sequences(parts)
+        return runs.in_calls(positions, self.items_per_call, self.chunk, part)
 
     def finish(self, merged: xr.Dataset) -> xr.Dataset:
         """``finish`` with what each item is: its task and its id in the file. (Added to the

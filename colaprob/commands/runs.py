@@ -72,6 +72,43 @@ def settings_from_args(cls, args, **given):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in given}, **given)
 
 
+def run_command(args, settings, execute: Callable, report: Callable) -> int:
+    """A sharded command's ``run``: ``execute(settings, target, ctx)`` in this process's
+    distributed context (``colaprob.distributed``), then ``report(merged, args)`` on rank 0."""
+    from colaprob import distributed
+
+    target = Target.from_args(args)
+    ctx = distributed.from_environment(args.device)
+    try:
+        merged = execute(settings, target, ctx)
+    finally:
+        distributed.shutdown(ctx)
+    if ctx.is_main:
+        report(merged, args)
+    return 0
+
+
+def run_job(prepare: Callable, settings, target: Target, ctx, desc: str):
+    """``prepare(settings, target, ctx)`` on every rank together (a refusal stops them all),
+    then its job (``plan``, ``score_batch``, ``finish``) through ``colaprob.runner``; the
+    merged dataset on rank 0."""
+    from colaprob import runner
+
+    job = ctx.agree(lambda: prepare(settings, target, ctx))
+    return runner.run(job.plan, job.score_batch, target.output, finish=job.finish, ctx=ctx, overwrite=target.overwrite, progress=target.progress, desc=desc)
+
+
+def in_calls(items: range, step: int, chunk, solve: Callable):
+    """``solve(rows, samples_at_once)`` over ``items``, ``step`` rows a call (the memory plan's),
+    each call run through ``chunk`` (a ``colaprob.memory.AdaptiveChunk``: retried with half
+    the samples when it fails to allocate); the calls' datasets concatenated along
+    ``sequence``."""
+    from colaprob import runner
+
+    parts = [chunk.run(lambda samples: solve(items[i : i + step], samples)) for i in range(0, len(items), step)]
+    return parts[0] if len(parts) == 1 else runner.concat_sequences(parts)
+
+
 def run_record(settings) -> dict:
     """Every field of a command's ``settings`` dataclass, a ``Solver``'s fields inline (by
     their own names), as the run key's entries."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from colaprob import data, distributed, results, runner, windows
+from colaprob import data, results, runner, windows
 from colaprob.commands import options, output, runs
 from colaprob.errors import ColaprobError
 from colaprob.estimators.solver import Solver
@@ -132,22 +132,13 @@ class Settings(runs.Reading):
 
 
 def run(args: argparse.Namespace) -> int:
-    settings, target = Settings.from_args(args), runs.Target.from_args(args)
-    ctx = distributed.from_environment(args.device)
-    try:
-        merged = execute(settings, target, ctx)
-    finally:
-        distributed.shutdown(ctx)
-    if ctx.is_main:
-        report(merged, args)
-    return 0
+    return runs.run_command(args, Settings.from_args(args), execute, report)
 
 
 def execute(settings: Settings, target: runs.Target, ctx, desc: str = "scoring"):
     """Score ``target``'s corpus into ``target.output`` through ``colaprob.runner`` (resumed,
     or read back when finished, with the same settings), every rank of ``ctx`` together; the merged dataset."""
-    job = ctx.agree(lambda: prepare(settings, target, ctx))
-    return runner.run(job.plan, job.score_batch, target.output, finish=finish, ctx=ctx, overwrite=target.overwrite, progress=target.progress, desc=desc)
+    return runs.run_job(prepare, settings, target, ctx, desc)
 
 
 def prepare(settings: Settings, target: runs.Target, ctx) -> "Job":
@@ -237,12 +228,13 @@ class Job:
             ds["solver_error_target_met"] = ("sequence", ~(ds["log_likelihood_solver_error"].values > target))
         return ds
 
+    def finish(self, merged: xr.Dataset) -> xr.Dataset:
+        return finish(merged)
+
     def estimate(self, items: range, solver: Solver) -> xr.Dataset:
         """The rows ``items``, ``planned.batch`` at a time."""
-        step = self.planned.batch
         solver = solver.replace(vjp_chunk=self.planned.vjp_chunk)
-        parts = [self.chunk.run(lambda chunk: self.estimate_rows(items[i : i + step], solver, chunk)) for i in range(0, len(items), step)]
-        return parts[0] if len(parts) == 1 else runner.concat_sequences(parts)
+        return runs.in_calls(items, self.planned.batch, self.chunk, lambda rows, chunk: self.estimate_rows(rows, solver, chunk))
 
     def estimate_rows(self, items: range, solver: Solver, chunk_size: int) -> xr.Dataset:
         from colaprob import estimators
