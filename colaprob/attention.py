@@ -8,8 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+# Keys are padded (masked) to a multiple of this: a softmax row whose length is not a multiple
+# of the vector width ends in a scalar loop, which rounds differently, so a query's result
+# would depend on how many keys its batch's padding gave it.
+KEY_TILE = 64
 
 
 def block_causal(q_pos: Tensor, k_pos: Tensor, block_size: int | Tensor) -> Tensor:
@@ -32,8 +37,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     ``finfo.min`` in float rounding, as the official code sets them (a row with nothing
     allowed, which only padding can produce, then averages instead of NaN); an addition
     rather than ``masked_fill``, whose backward a batched backward pass would run once per
-    probe.
+    probe. Keys are padded to a multiple of ``KEY_TILE`` (masked), so a query's result does not
+    depend on how far a batch pads the keys beyond that (bit for bit on CPU).
     """
+    pad = -k.shape[-2] % KEY_TILE
+    if pad:
+        k, v, allowed = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(allowed, (0, pad))
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     scores = scores + bias[:, None]

@@ -26,6 +26,27 @@ from colaprob.config import DiTConfig
 from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
 
 TIMESTEP_FEATURES = 256
+MIN_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose result for a row does not depend on how many rows share the call.
+
+    A matrix product of fewer than 16 rows takes other kernels than a larger one, whose
+    rounding differs, so a row's last bits would change with its batch-mates, and adaptive
+    step control turns a last-bit difference into a different step sequence (0.01 nats at
+    ``rtol = 1e-5``, BENCHMARKS section 8). Smaller calls are zero-padded to 16 rows. Measured
+    bit for bit on CPU (torch 2.13, MKL) for 16 to 2048 rows at any place in the call, on one
+    thread; on several threads MKL splits products of the official widths (2048 x 8192) with
+    500 rows or more by their size, and the rows' rounding depends on the call again.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x[..., 0].numel()
+        if n >= MIN_ROWS or n == 0:
+            return super().forward(x)
+        rows = F.pad(x.reshape(n, x.shape[-1]), (0, 0, 0, MIN_ROWS - n))
+        return super().forward(rows)[:n].view(*x.shape[:-1], self.out_features)
 
 
 def timestep_features(tau: Tensor) -> Tensor:
@@ -45,15 +66,13 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, c: DiTConfig):
         super().__init__()
-        self.proj_in = nn.Linear(TIMESTEP_FEATURES, c.txt_dim)
-        self.proj_hid = nn.Linear(c.txt_dim, c.txt_dim)
-        self.proj_out = nn.Linear(c.txt_dim, c.emb_dim)
+        self.proj_in = Linear(TIMESTEP_FEATURES, c.txt_dim)
+        self.proj_hid = Linear(c.txt_dim, c.txt_dim)
+        self.proj_out = Linear(c.txt_dim, c.emb_dim)
 
     def forward(self, tau: Tensor) -> Tensor:
         timesteps, level = torch.unique(tau, return_inverse=True)
-        # At least two rows: a one-row product takes another kernel (matrix-vector) whose
-        # rounding differs, and a timestep's embedding must not depend on the other rows.
-        x = timestep_features(timesteps.expand(2) if len(timesteps) == 1 else timesteps).to(self.proj_in.weight.dtype)
+        x = timestep_features(timesteps).to(self.proj_in.weight.dtype)
         return self.proj_out(F.silu(self.proj_hid(F.silu(self.proj_in(x)))))[level]
 
 
@@ -84,39 +103,55 @@ class Attention(nn.Module):
         super().__init__()
         self.c = c
         inner = c.heads * c.head_dim
-        self.proj_qkv = nn.Linear(c.txt_dim, 3 * inner, bias=c.qk_bias)
-        self.proj_out = nn.Linear(inner, c.txt_dim, bias=c.qk_bias)
+        self.proj_qkv = Linear(c.txt_dim, 3 * inner, bias=c.qk_bias)
+        self.proj_out = Linear(inner, c.txt_dim, bias=c.qk_bias)
         self.norm_q = nn.LayerNorm(c.head_dim, c.norm_eps)
         self.norm_k = nn.LayerNorm(c.head_dim, c.norm_eps)
         # Nested as `rope.rope` so the buffer key matches the official `msa.rope.rope.freqs`.
         self.rope = nn.ModuleDict({"rope": Rotary(c.rope_dim)})
 
     def forward(
-        self, a: Tensor, q_pos: Tensor, k_pos: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None
+        self, a: Tensor, q_pos: Tensor, k_pos: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None, interleave: int | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``a``: [B, Lq, W]; ``past``: cached (k, v) [B, n, Hd, hd]; ``k_pos``: [B, n + Lq];
-        ``allowed``: [B or 1, Lq, n + Lq]. Returns [B, Lq, W] and this call's (k, v) rows
-        (k after norm_k, before RoPE: what the cache keeps)."""
+        ``allowed``: [B or 1, Lq, n + Lq]; ``interleave``: see ``join_keys``. Returns [B, Lq, W]
+        and this call's (k, v) rows (k after norm_k, before RoPE: what the cache keeps)."""
         q, k, v = self.proj_qkv(a).unflatten(-1, (3, self.c.heads, self.c.head_dim)).unbind(-3)
         q, k = self.norm_q(q), self.norm_k(k)
         new_kv = (k, v)
         if past is not None:
-            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
+            k, v = join_keys(past[0], k, interleave), join_keys(past[1], v, interleave)
         q = self.rope.rope(q.transpose(1, 2), q_pos)
         k = self.rope.rope(k.transpose(1, 2), k_pos)
         return self.proj_out(attention(q, k, v.transpose(1, 2), allowed)), new_kv
 
 
+def join_keys(cached: Tensor, new: Tensor, interleave: int | None) -> Tensor:
+    """The keys a call sees, on dim 1: ``[cached | new]``, or with ``interleave = bs`` (both of
+    the same length, a multiple of ``bs``) their blocks of ``bs`` rows alternated, ``[cached
+    block 0 | new block 0 | cached block 1 | ...]``.
+
+    Attention is the same for any order of its keys (each key carries its own position and
+    mask column), but its float sums are not: in the 2L layout ``[clean | noisy]`` a noisy
+    block's own keys sit after all L clean ones, so where they land in the softmax's vector
+    lanes depends on how far the batch pads L. Interleaved, a block's keys are at the same
+    places whatever follows them, and padding only appends masked keys.
+    """
+    if interleave is None:
+        return torch.cat([cached, new], 1)
+    blocks = lambda x: x.unflatten(1, (-1, interleave))  # noqa: E731
+    return torch.stack([blocks(cached), blocks(new)], 2).flatten(1, 3)
+
+
 def per_row(values: Tensor, level: Tensor | None) -> Tensor:
     """``values`` [U, n] of the distinct timesteps at each row: [B, Lq, n] by ``level`` [B, Lq];
-    ``level`` None (one timestep for all rows, computed on two copies): [1, n], which
-    broadcasts."""
-    return values[:1] if level is None else values[level]
+    ``level`` None (one timestep for all rows): [1, n], which broadcasts."""
+    return values if level is None else values[level]
 
 
 def ada_linear(width: int, out: int) -> nn.Sequential:
     """An AdaLN projection ``Linear(silu(e))`` (its keys are ``....1.weight``/``bias``)."""
-    return nn.Sequential(nn.SiLU(), nn.Linear(width, out))
+    return nn.Sequential(nn.SiLU(), Linear(width, out))
 
 
 class Block(nn.Module):
@@ -134,17 +169,17 @@ class Block(nn.Module):
         self.msa_norm = nn.LayerNorm(W, c.norm_eps, elementwise_affine=False)
         self.msa = Attention(c)
         self.mlp_norm = nn.LayerNorm(W, c.norm_eps, elementwise_affine=False)
-        self.mlp = nn.ModuleDict({"proj_in": nn.Linear(W, W * c.expand_ratio), "proj_out": nn.Linear(W * c.expand_ratio, W)})
+        self.mlp = nn.ModuleDict({"proj_in": Linear(W, W * c.expand_ratio), "proj_out": Linear(W * c.expand_ratio, W)})
         self.ada = nn.ModuleDict(
             {"msa_in": ada_linear(W, 2 * W), "msa_out": ada_linear(W, W), "mlp_in": ada_linear(W, 2 * W), "mlp_out": ada_linear(W, W)}
         )
 
-    def forward(self, x, e, level, q_pos, k_pos, allowed, past):
+    def forward(self, x, e, level, q_pos, k_pos, allowed, past, interleave):
         """``x``: [B, Lq, W]; ``e``: [U, W] embeddings of the U distinct timesteps; ``level``:
         [B, Lq] which of them each row has (None when U = 1); the rest as in
         ``Attention.forward``. Returns the new x and this call's (k, v) rows."""
         shift, scale = per_row(self.ada.msa_in(e), level).chunk(2, -1)
-        o, kv = self.msa(self.msa_norm(x) * (1 + scale) + shift, q_pos, k_pos, allowed, past)
+        o, kv = self.msa(self.msa_norm(x) * (1 + scale) + shift, q_pos, k_pos, allowed, past, interleave)
         x = x + per_row(self.ada.msa_out(e), level) * o
         shift, scale = per_row(self.ada.mlp_in(e), level).chunk(2, -1)
         m = self.mlp_norm(x) * (1 + scale) + shift
@@ -175,26 +210,27 @@ class DiT(nn.Module):
         config.validate()
         self.config = config
         W = config.txt_dim
-        self.txt_in = nn.ModuleDict({"proj": nn.Linear(config.txt_in_channels, W)})
+        self.txt_in = nn.ModuleDict({"proj": Linear(config.txt_in_channels, W)})
         self.emb_in = TimestepEmbedding(config)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.txt_out_norm = nn.LayerNorm(W, config.norm_eps)  # affine, unlike the block norms
         self.txt_out_ada = nn.ModuleDict({"out_in": ada_linear(W, 2 * W)})
-        self.txt_out = nn.ModuleDict({"proj": nn.Linear(W, config.txt_out_channels)})
+        self.txt_out = nn.ModuleDict({"proj": Linear(W, config.txt_out_channels)})
 
     def forward(
-        self, x: Tensor, tau: Tensor, positions: Tensor, allowed: Tensor, cache: KVCache | None = None
+        self, x: Tensor, tau: Tensor, positions: Tensor, allowed: Tensor, cache: KVCache | None = None, interleave: int | None = None
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """``x``: [B, Lq, Cin] rows at ``positions`` [B, Lq] (RoPE), timesteps ``tau``
-        broadcastable to [B, Lq]; ``cache``: rows seen before (keys ``[cached | x]``);
-        ``allowed``: bool [B or 1, Lq, n_cached + Lq]. Returns velocities [B, Lq, Cout] and
+        broadcastable to [B, Lq]; ``cache``: rows seen before (keys ``[cached | x]``, or their
+        blocks alternated with ``interleave``, see ``join_keys``); ``allowed``: bool [B or 1,
+        Lq, n_cached + Lq] over the keys in that order. Returns velocities [B, Lq, Cout] and
         this call's (k, v) rows per block, for a cache."""
         e, level = self._timestep_embeddings(tau.expand(x.shape[:2]))
-        k_pos = positions if cache is None else torch.cat([cache.positions, positions], 1)
+        k_pos = positions if cache is None else join_keys(cache.positions, positions, interleave)
         h = self.txt_in.proj(x)
         layers = []
         for i, block in enumerate(self.blocks):
-            h, kv = block(h, e, level, positions, k_pos, allowed, None if cache is None else cache.layers[i])
+            h, kv = block(h, e, level, positions, k_pos, allowed, None if cache is None else cache.layers[i], interleave)
             layers.append(kv)
         shift, scale = per_row(self.txt_out_ada.out_in(e), level).chunk(2, -1)
         return self.txt_out.proj(self.txt_out_norm(h) * (1 + scale) + shift), layers
@@ -207,10 +243,7 @@ class DiT(nn.Module):
         timesteps, level = torch.unique(tau, return_inverse=True)
         rows = self.emb_in(tau).flatten(0, 1)
         if len(timesteps) == 1:
-            # Two copies, not one: a one-row product takes another kernel (matrix-vector)
-            # whose rounding differs, and a timestep's modulation must not depend on whether
-            # another timestep shares the call (the rows of a batch must not move each other).
-            return rows[:1].expand(2, -1), None
+            return rows[:1], None
         first = torch.empty_like(timesteps, dtype=torch.long).scatter_(0, level.flatten(), torch.arange(len(rows), device=tau.device))
         return rows[first], level  # any row of each timestep
 
@@ -225,14 +258,20 @@ class DiT(nn.Module):
         rows that hold clean values: a prefix inside a block, the prompt-block trick);
         ``block_size``: int or [B]. Both halves sit at positions 0..L-1; the clean half at
         timestep 0. ``history = clean_history(clean, block_size)`` gives the same result
-        without recomputing the clean half. Returns [B, L, Cout].
+        without recomputing the clean half (with an int ``block_size`` dividing L, over the
+        keys in block-interleaved order, so that a row's result does not depend on how far
+        the batch pads L: ``join_keys``). Returns [B, L, Cout].
         """
         B, L = noisy.shape[:2]
         positions = torch.arange(L, device=noisy.device).expand(B, L)
         allowed = mask_2l(L, block_size, noisy.device)
         tau = tau.expand(B, L)
         if history is not None:
-            return self(noisy, tau, positions, allowed[:, L:], history)[0]
+            interleave = block_size if isinstance(block_size, int) and L % block_size == 0 else None
+            keys = allowed[:, L:]
+            if interleave is not None:
+                keys = join_keys(keys[..., :L].transpose(1, 2), keys[..., L:].transpose(1, 2), interleave).transpose(1, 2)
+            return self(noisy, tau, positions, keys, history, interleave)[0]
         both = torch.cat([positions, positions], 1)
         v, _ = self(torch.cat([clean, noisy], 1), torch.cat([torch.zeros_like(tau), tau], 1), both, allowed)
         return v[:, L:]

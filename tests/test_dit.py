@@ -206,3 +206,36 @@ def test_parameter_gradients_count_each_row_once(dit):
             continue
         torch.testing.assert_close(a, sum(parts), atol=1e-4, rtol=1e-4)
     assert sum(a is not None for a in together) > len(weights) // 2
+
+
+@pytest.mark.parametrize("shared_time", [False, True], ids=["time-per-block", "one-time"])
+def test_a_row_does_not_depend_on_its_batch_mates_bit_for_bit(shared_time):
+    """The embedded model's velocity over a cached clean history, and its vector-Jacobian
+    products, as an ODE solve evaluates them: a document alone (at its own length) and in a
+    batch of 7 longer ones (padded to 10 blocks) agree bit for bit, rows, keys and timesteps
+    differing. Without the 16-row floor of ``dit.Linear`` and the block-interleaved keys of
+    ``dit.join_keys`` every one of them differed in the last bits."""
+    import colaprob
+
+    dit = colaprob.load("tiny").dit
+    bs, d = dit.config.block_size, dit.config.txt_in_channels
+    g = torch.Generator().manual_seed(0)
+    B, n_blocks = 8, torch.tensor([3, 10, 7, 1, 10, 5, 2, 9])
+    L = int(n_blocks.max()) * bs
+    clean, noisy = torch.randn(B, L, d, generator=g), torch.randn(B, L, d, generator=g)
+    tau = torch.full((B, L), 400.0) if shared_time else (1000 * torch.rand(B, L // bs, generator=g)).repeat_interleave(bs, 1)
+    probes = torch.randn(4, B, L, d, generator=g)
+
+    def evaluate(rows: slice, length: int):
+        x = noisy[rows, :length].clone().requires_grad_(True)
+        history = dit.clean_history(clean[rows, :length], bs)
+        v = dit.velocity_2l(clean[rows, :length], x, tau[rows, :length], bs, history)
+        (vjp,) = torch.autograd.grad(v, x, probes[:, rows, :length], is_grads_batched=True)
+        return v.detach(), vjp
+
+    v_all, vjp_all = evaluate(slice(None), L)
+    for i in range(B):
+        length = int(n_blocks[i]) * bs
+        v, vjp = evaluate(slice(i, i + 1), length)
+        assert torch.equal(v[0], v_all[i, :length]), i
+        assert torch.equal(vjp[:, 0], vjp_all[:, i, :length]), i
