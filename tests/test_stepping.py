@@ -89,25 +89,27 @@ def test_a_block_density_does_not_depend_on_its_batch_or_its_sequence():
     assert torch.allclose(together.block_logp, prior.block_log_prob(u), rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_a_document_does_not_depend_on_its_batch_on_the_embedded_model():
-    """The embedded DiT in float64 (so that the velocity's rounding cannot depend on the batch
-    shape): a document scored alone and among 15 shorter ones under the default dopri5 agree
-    to 1e-5 nats. In float32 its 1-ulp rounding differences are amplified by the step control
-    (README, "Choosing estimator settings")."""
+    """The embedded DiT in float32 under the default dopri5: a document scored alone, at its
+    own length, and among 5 others of other lengths (padded to the longest) agrees to 1e-5
+    nats, although the batch needed other steps. Before the DiT's products and softmax were
+    made independent of the batch's shape (``dit.Linear``, ``attention.KEY_TILE``,
+    ``dit.join_keys``), last-bit differences were amplified by the step control into 0.01
+    nats (BENCHMARKS section 8)."""
     import colaprob
     from colaprob.protocol import to_prior_space
 
     model = colaprob.load("tiny")
-    model.dit.double()
-    model.vae.double()
-    batch = model.frame(["if x:", "a", "The", "def", "is", "#", "1", "()", "or", "x", "for", "in", "no", "be", ".", "ok"])
+    batch = model.frame(["if x:", "def f(x): return x", "a", "1 2 3", "()", "for i in"])
     with torch.no_grad():
         q = model.posterior(batch)
-        u = to_prior_space(model, q.sample(torch.randn(q.mean.shape, generator=torch.Generator().manual_seed(0), dtype=q.mean.dtype)))
+        u = to_prior_space(model, q.sample(torch.randn(q.mean.shape, generator=torch.Generator().manual_seed(0))))
     lengths = -(-batch.lengths // model.patch_size)
-    probes = torch.randint(0, 2, (1, *u.shape), generator=torch.Generator().manual_seed(1)).double() * 2 - 1
-    alone = cnf.block_causal_log_prob(model.prior_velocity, u[:1], model.block_size, "hutchinson", probes=probes[:, :1])
+    probes = torch.randint(0, 2, (1, *u.shape), generator=torch.Generator().manual_seed(1)).float() * 2 - 1
     together = cnf.block_causal_log_prob(model.prior_velocity, u, model.block_size, "hutchinson", lengths=lengths, probes=probes)
-    assert together.nfe > alone.nfe  # the batch-mates needed other steps
-    assert torch.allclose(alone.block_logp[0], together.block_logp[0], rtol=0, atol=1e-5)
+    for i in (0, 2):
+        n = int(lengths[i])
+        alone = cnf.block_causal_log_prob(model.prior_velocity, u[i : i + 1, :n], model.block_size, "hutchinson", probes=probes[:, i : i + 1, :n])
+        assert together.nfe > alone.nfe  # the batch-mates needed other steps
+        n_blocks = alone.block_logp.shape[1]
+        assert torch.allclose(alone.block_logp[0], together.block_logp[i, :n_blocks], rtol=0, atol=1e-5), i
