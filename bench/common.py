@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import math
 import os
 import platform
@@ -173,6 +174,26 @@ def table(columns: list[str], rows: list[list]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Models
+
+
+def reference_dit(root: Path) -> type:
+    """The ``DiT`` class of the checkout at ``root``: its ``dit.py`` run with its own
+    ``attention.py`` in place of this checkout's (restored afterwards)."""
+
+    def load(name: str, path: Path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    import colaprob.attention
+
+    saved = sys.modules["colaprob.attention"]
+    try:
+        sys.modules["colaprob.attention"] = load("reference_attention", root / "colaprob" / "attention.py")
+        return load("reference_dit", root / "colaprob" / "dit.py").DiT
+    finally:
+        sys.modules["colaprob.attention"] = saved
 
 
 def cola_model(spec: str = "auto"):

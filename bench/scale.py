@@ -36,8 +36,6 @@ VJP chunk 32) under a few budgets.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -51,24 +49,6 @@ from colaprob.estimators.cnf import _jacobian_diagonal, _vjp
 
 OFFICIAL = dict(txt_in_channels=16, txt_out_channels=16, txt_dim=2048, emb_dim=2048, heads=16, head_dim=128, expand_ratio=4, rope_dim=96, block_size=16)
 QUICK = dict(txt_in_channels=4, txt_out_channels=4, txt_dim=64, emb_dim=64, heads=2, head_dim=32, expand_ratio=2, rope_dim=16, block_size=4)
-
-
-def reference_dit(root: Path) -> type:
-    """The ``DiT`` class of the checkout at ``root``: its ``dit.py`` run with its own
-    ``attention.py`` in place of this checkout's (restored afterwards)."""
-
-    def load(name: str, path: Path):
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    saved = sys.modules["colaprob.attention"]
-    try:
-        sys.modules["colaprob.attention"] = load("reference_attention", root / "colaprob" / "attention.py")
-        return load("reference_dit", root / "colaprob" / "dit.py").DiT
-    finally:
-        sys.modules["colaprob.attention"] = saved
 
 
 class Case:
@@ -145,7 +125,7 @@ def measure(args, dit: DiT, label: str, lengths: list[int], vjps: int | None, ex
     config = dit.config
     models = {"new": dit.to(device).eval()}
     if args.reference:
-        models["today"] = reference_dit(Path(args.reference))(config).to(device).eval()
+        models["today"] = common.reference_dit(Path(args.reference))(config).to(device).eval()
         models["today"].load_state_dict(models["new"].state_dict())
     n_colours = config.block_size * config.txt_in_channels
     vjps = min(vjps or n_colours, n_colours)

@@ -24,29 +24,9 @@ from torch import Tensor, nn
 
 from colaprob.config import DiTConfig
 from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
+from colaprob.linear import Linear
 
 TIMESTEP_FEATURES = 256
-MIN_ROWS = 16
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose result for a row does not depend on how many rows share the call.
-
-    A matrix product of fewer than 16 rows takes other kernels than a larger one, whose
-    rounding differs, so a row's last bits would change with its batch-mates, and adaptive
-    step control turns a last-bit difference into a different step sequence (0.01 nats at
-    ``rtol = 1e-5``, BENCHMARKS section 8). Smaller calls are zero-padded to 16 rows. Measured
-    bit for bit on CPU (torch 2.13, MKL) for 16 to 2048 rows at any place in the call, on one
-    thread; on several threads MKL splits products of the official widths (2048 x 8192) with
-    500 rows or more by their size, and the rows' rounding depends on the call again.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        n = x[..., 0].numel()
-        if n >= MIN_ROWS or n == 0:
-            return super().forward(x)
-        rows = F.pad(x.reshape(n, x.shape[-1]), (0, 0, 0, MIN_ROWS - n))
-        return super().forward(rows)[:n].view(*x.shape[:-1], self.out_features)
 
 
 def timestep_features(tau: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
+from colaprob.linear import Linear, linear
 from colaprob.config import VAEConfig
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -55,14 +56,14 @@ class VAEBlock(nn.Module):
         D, Dk = c.dim, c.dim // c.shared_heads_kv
         eps = c.layer_norm_eps
         self.norm_attn = nn.LayerNorm(D, eps, elementwise_affine=c.layer_norm_affine)
-        self.qkv_proj = nn.Linear(D, D + 2 * Dk, bias=c.qk_bias)
+        self.qkv_proj = Linear(D, D + 2 * Dk, bias=c.qk_bias)
         # q/k norms run over the whole projection width, not per head.
         self.q_norm = nn.LayerNorm(D, eps, elementwise_affine=c.qk_norm_affine) if c.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(Dk, eps, elementwise_affine=c.qk_norm_affine) if c.qk_norm else nn.Identity()
-        self.attn_out_proj = nn.Linear(D, D, bias=c.bias)
+        self.attn_out_proj = Linear(D, D, bias=c.bias)
         self.norm_ffn = nn.LayerNorm(D, eps)  # always affine
-        self.ffn_proj = nn.Linear(D, c.ffn_dim, bias=c.bias)
-        self.ffn_out = nn.Linear(c.ffn_dim // 2 if c.act == "swiglu" else c.ffn_dim, D, bias=c.bias)
+        self.ffn_proj = Linear(D, c.ffn_dim, bias=c.bias)
+        self.ffn_out = Linear(c.ffn_dim // 2 if c.act == "swiglu" else c.ffn_dim, D, bias=c.bias)
 
     def ffn(self, x: Tensor) -> Tensor:
         u = self.ffn_proj(x)
@@ -133,6 +134,19 @@ def run_blocks(
 # ----------------------------------------------------------------------------------------------
 
 
+class PatchEmbedding(nn.Conv1d):
+    """The official ``Conv1d(D, D, P, stride=P)`` over token embeddings (its weight [D, D, P]
+    is the checkpoint's), computed as the same sums: each patch of P embeddings, flattened
+    channel-major, times the flattened kernel, through ``linear``. On several threads a
+    convolution's rounding depends on the batch's shape; this product's does not."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: [B, N, D] token embeddings (N a multiple of P). Returns [B, N / P, D]."""
+        P = self.kernel_size[0]
+        patches = x.unflatten(1, (-1, P)).transpose(2, 3).flatten(2)  # [B, L, D * P], index c * P + k
+        return linear(patches, self.weight.flatten(1), self.bias)
+
+
 class Encoder(nn.Module):
     """Tokens -> ``encoder.final_layer`` output (reference 5.1, steps 1-4)."""
 
@@ -141,9 +155,9 @@ class Encoder(nn.Module):
         self.c = c
         D, d = c.dim, c.latent_dim
         self.wte = nn.Embedding(c.vocab_size + 1, D)  # row V: the mask token of the masking loss
-        self.patch_embedder = nn.Conv1d(D, D, c.patch_size, stride=c.patch_size)
+        self.patch_embedder = PatchEmbedding(D, D, c.patch_size, stride=c.patch_size)
         self.blocks = nn.ModuleList(VAEBlock(c) for _ in range(c.encoder_num_blocks))
-        self.final_layer = nn.Linear(D, 2 * d if c.use_variation else d, bias=c.bias)
+        self.final_layer = Linear(D, 2 * d if c.use_variation else d, bias=c.bias)
         # Non-affine LayerNorm of the posterior mean (of the whole output when deterministic).
         use_norm = c.encoder_last_ln or not c.use_variation
         self.final_norm = nn.LayerNorm(d, c.layer_norm_eps, elementwise_affine=False) if use_norm else nn.Identity()
@@ -151,7 +165,7 @@ class Encoder(nn.Module):
     def forward(self, ids: Tensor, lengths: Tensor) -> Tensor:
         """``ids``: [B, N] (N a multiple of P); ``lengths``: [B] valid latent positions.
         Returns [B, L, 2d] (mean before its LayerNorm, raw logvar) or [B, L, d]."""
-        x = self.patch_embedder(self.wte(ids).transpose(1, 2)).transpose(1, 2)  # Conv1d: [B, D, N] -> [B, D, L]
+        x = self.patch_embedder(self.wte(ids))
         valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
         x, _ = run_blocks(self.blocks, x, valid, self.c.block_size if self.c.block_causal else None, None)
         return self.final_layer(x)
@@ -164,11 +178,11 @@ class Decoder(nn.Module):
         super().__init__()
         self.c = c
         D = c.dim
-        self.in_layer = nn.Linear(c.latent_dim, D, bias=c.bias)
+        self.in_layer = Linear(c.latent_dim, D, bias=c.bias)
         self.blocks = nn.ModuleList(VAEBlock(c) for _ in range(c.decoder_num_blocks))
-        self.unpatch_layer = nn.Linear(D, c.patch_size * D)  # bias regardless of `bias`
+        self.unpatch_layer = Linear(D, c.patch_size * D)  # bias regardless of `bias`
         self.final_norm = nn.LayerNorm(D, c.layer_norm_eps)  # always affine
-        self.final_layer = nn.Linear(D, c.vocab_size, bias=c.bias)
+        self.final_layer = Linear(D, c.vocab_size, bias=c.bias)
 
     def forward(self, z: Tensor, lengths: Tensor | None = None, cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
         """``z``: [B, Lq, d] latents placed after ``cache`` (a previous call's returned cache, or

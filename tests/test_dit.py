@@ -208,13 +208,23 @@ def test_parameter_gradients_count_each_row_once(dit):
     assert sum(a is not None for a in together) > len(weights) // 2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shared_time", [False, True], ids=["time-per-block", "one-time"])
-def test_a_row_does_not_depend_on_its_batch_mates_bit_for_bit(shared_time):
+def test_a_row_does_not_depend_on_its_batch_mates_bit_for_bit(shared_time, threads):
     """The embedded model's velocity over a cached clean history, and its vector-Jacobian
     products, as an ODE solve evaluates them: a document alone (at its own length) and in a
     batch of 7 longer ones (padded to 10 blocks) agree bit for bit, rows, keys and timesteps
-    differing. Without the 16-row floor of ``dit.Linear`` and the block-interleaved keys of
-    ``dit.join_keys`` every one of them differed in the last bits."""
+    differing, on one thread and on two. Without the 16-row floor of ``linear.Linear`` and the
+    block-interleaved keys of ``dit.join_keys`` every one of them differed in the last bits."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_batch_independence(shared_time)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_batch_independence(shared_time: bool) -> None:
     import colaprob
 
     dit = colaprob.load("tiny").dit

@@ -93,7 +93,7 @@ def test_a_document_does_not_depend_on_its_batch_on_the_embedded_model():
     """The embedded DiT in float32 under the default dopri5: a document scored alone, at its
     own length, and among 5 others of other lengths (padded to the longest) agrees to 1e-5
     nats, although the batch needed other steps. Before the DiT's products and softmax were
-    made independent of the batch's shape (``dit.Linear``, ``attention.KEY_TILE``,
+    made independent of the batch's shape (``linear.Linear``, ``attention.KEY_TILE``,
     ``dit.join_keys``), last-bit differences were amplified by the step control into 0.01
     nats (BENCHMARKS section 8)."""
     import colaprob
