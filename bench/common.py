@@ -186,9 +186,7 @@ def reference_dit(root: Path) -> type:
         spec.loader.exec_module(module)
         return module
 
-    import colaprob.attention
-
-    saved = sys.modules["colaprob.attention"]
+    saved = importlib.import_module("colaprob.attention")
     try:
         sys.modules["colaprob.attention"] = load("reference_attention", root / "colaprob" / "attention.py")
         return load("reference_dit", root / "colaprob" / "dit.py").DiT

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import xarray as xr
 from cli_support import FAST, assert_one_line_error, run_cli
 
 import colaprob

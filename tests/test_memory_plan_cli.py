@@ -70,6 +70,7 @@ def test_a_failed_allocation_is_retried_with_half_the_samples(corpus, tmp_path, 
     assert failures == [4, 2]  # halved twice, then one sample at a time
     monkeypatch.setattr(cnf, "block_causal_log_prob", real)
     one = run_cli("score", corpus, "--per-line", "--model", FIXTURE, "-K", "4", "--chunk-size", "1", *GRID, "-o", tmp_path / "one.nc")
+    assert one.code == 0, one.err
     a, b = results.read_dataset(tmp_path / "retried.nc"), results.read_dataset(tmp_path / "one.nc")
     assert (a["samples_solved_together"] == 1).all()
     np.testing.assert_allclose(a["log_likelihood"], b["log_likelihood"], rtol=0, atol=1e-9)

@@ -1,6 +1,5 @@
 """Every notebook runs end to end on the embedded model and shows its figures."""
 
-import os
 from pathlib import Path
 
 import nbformat

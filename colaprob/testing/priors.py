@@ -121,7 +121,6 @@ class BlockMixturePrior:
         its positions ``< prefix_len`` and the earlier blocks: [..., L, d] -> [..., nb] float64
         (0 for blocks wholly inside the prefix)."""
         u = u.double()
-        L = u.shape[-2]
         log_pi, means, std, real = self._conditionals(u)
         log_normal = -0.5 * (((self._in_blocks(u) - means) / std) ** 2 + 2 * std.log() + _LOG_2PI)
         per_position = log_normal.sum(-1)  # [..., nb, K, bs]
