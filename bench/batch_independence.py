@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     models = {"this checkout": model}
     if args.reference:
         models[f"reference ({common.relative(args.reference)})"] = with_dit(model, common.reference_dit(Path(args.reference)))
-    tolerances = args.tolerances[:1] if args.quick else args.tolerances
+    tolerances = [1e-3] if args.quick else args.tolerances
     alone = min(args.alone, 2 if args.quick else args.alone, len(lengths))
     print(f"{name}; {len(lengths)} documents of {int(lengths.min())} to {int(lengths.max())} latent positions, {trace} trace; the first {alone} also alone.")
     print()

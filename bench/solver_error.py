@@ -16,6 +16,13 @@ true error per sequence and per block (nats), the share of sequences and of bloc
 reported error bounds the true one, and the share where it is within 10 times of it (true
 errors below 1e-6 nats, at float32 rounding, count as met).
 
+torchode (the ``bench`` extra; its rows are left out, and said so, without it): its dopri5
+with an integral controller at the same tolerances, every block of every sequence one
+element of its batch with its own steps (the one solver in the field that does this), on the
+same augmented state ``[z, log-det]`` in float64 and the same error norm (the larger of the
+RMS of ``z``'s scaled error and the log-det's). It has no error estimate, so its coverage
+columns read n/a; ``nfe`` counts evaluations of the whole batch, as for the others.
+
 The concentrated grid: rk4 on ``n`` equal steps of ``s`` with ``t = g(s) = s - a sin(2 pi s) /
 (2 pi)``, run as the warped field ``dz/ds = g'(s) v(z, g(s))`` (its divergence is ``g'(s) div
 v``, so the density is unchanged): ``g'(s) = 1 - a cos(2 pi s)`` makes the steps in ``t``
@@ -27,6 +34,7 @@ v``, so the density is unchanged): ``g'(s) = 1 - a cos(2 pi s)`` makes the steps
 
 from __future__ import annotations
 
+import math
 import time
 
 import common
@@ -48,6 +56,10 @@ def choices(quick: bool) -> list[dict]:
     ]
 
 
+def torchode_tolerances(quick: bool) -> list[float]:
+    return [1e-3] if quick else [1e-4, 1e-5, 1e-6, 1e-7]
+
+
 def label(choice: dict) -> str:
     if "warp" in choice:
         return f"rk4, {choice['steps']} steps near ends"
@@ -64,6 +76,66 @@ def warped(velocity, a: float):
         return rate.expand(u_t.shape[:-1])[..., None] * velocity(u_t, t, clean)
 
     return field
+
+
+def torchode_block_log_prob(velocity, u, bs, trace, probes, tol: float) -> tuple[torch.Tensor, int]:
+    """``([B, n_blocks] log p of every block, nfe)`` by torchode's dopri5, one element per
+    block (module docstring); ``u`` [B, L, d] with L a multiple of ``bs``."""
+    import torchode
+
+    B, L, d = u.shape
+    nb, width = L // bs, bs * d
+    colours = ((torch.arange(L) % bs)[:, None] * d + torch.arange(d)) if trace == "exact" else None
+    nfe = 0
+
+    def dynamics(t, y):  # t [B * nb], y [B * nb, width + 1]
+        nonlocal nfe
+        nfe += 1
+        with torch.enable_grad():
+            z = y[:, :width].reshape(B, L, d).to(u.dtype).requires_grad_(True)
+            v = velocity(z, t.to(u.dtype).view(B, nb).repeat_interleave(bs, 1), u)
+            if colours is None:
+                terms = (probes * cnf._vjp(v, z, probes)).mean(0)
+            else:
+                terms = cnf._jacobian_diagonal(v, z, colours, bs * d, 32)
+        divergence = terms.detach().reshape(B * nb, width).sum(-1, keepdim=True)
+        return torch.cat([v.detach().reshape(B * nb, width), divergence], -1).double()
+
+    def norm(error):  # the scaled error of one element -> its norm, as colaprob's dopri5
+        return torch.maximum(error[:, :width].pow(2).mean(-1).sqrt(), error[:, width].abs())
+
+    term = torchode.ODETerm(dynamics)
+    step = torchode.Dopri5(term=term)
+    control = torchode.IntegralController(atol=tol, rtol=tol, term=term, norm=norm)
+    y0 = torch.cat([u.double().reshape(B * nb, width), torch.zeros(B * nb, 1, dtype=torch.float64)], -1)
+    t_eval = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(B * nb, 2)
+    solution = torchode.AutoDiffAdjoint(step, control).solve(torchode.InitialValueProblem(y0=y0, t_eval=t_eval))
+    if not bool((solution.status == 0).all()):
+        raise RuntimeError(f"torchode did not finish: status {solution.status.unique().tolist()}")
+    end = solution.ys[:, -1]
+    z1, delta = end[:, :width], end[:, width]
+    prior = (-0.5 * z1.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    return (prior + delta).view(B, nb), nfe
+
+
+def torchode_rows(velocity, u, bs, reference, trace, probes, tolerances) -> list:
+    """One row per tolerance, in ``COLUMNS``; none (and a line saying so) without torchode."""
+    try:
+        import torchode  # noqa: F401
+    except ImportError:
+        print("torchode is not installed (the bench extra): its rows are left out.")
+        print()
+        return []
+    rows = []
+    for tol in tolerances:
+        start = time.process_time()
+        block_logp, nfe = torchode_block_log_prob(velocity, u, bs, trace, probes, tol)
+        seconds = time.process_time() - start
+        true_seq = (block_logp.sum(-1) - reference.logp).abs()
+        true_block = (block_logp - reference.block_logp).abs()
+        rows.append([f"torchode dopri5 {tol:g}", nfe, "n/a", f"{seconds:.1f}", f"{float(true_seq.max()):.2e}", "n/a",
+                     f"{float(true_block.max()):.2e}", "n/a", "n/a", "n/a", "n/a"])
+    return rows
 
 
 def measure(velocity, u, bs, lengths, reference, trace, probes, choice) -> list:
@@ -101,6 +173,7 @@ def analytic(args) -> None:
     print(f"## Analytic harness: BlockMixturePrior (block 2, d 2), {u.shape[0]} sequences of {n_blocks} blocks, float32 latents, exact trace")
     print()
     rows = [measure(prior.velocity, u, 2, None, reference, "exact", None, c) for c in choices(args.quick)]
+    rows += torchode_rows(prior.velocity, u, 2, reference, "exact", None, torchode_tolerances(args.quick))
     common.table(COLUMNS, rows)
 
 
@@ -130,6 +203,7 @@ def embedded(args) -> None:
     print(f"Reference: float64 copy, dopri5 at rtol = atol = {ref_tol:g}: {reference.nfe} evaluations, {ref_seconds:.0f} s CPU.")
     print()
     rows = [measure(model.prior_velocity, u, model.block_size, None, reference, trace, probes, c) for c in choices(args.quick)]
+    rows += torchode_rows(model.prior_velocity, u, model.block_size, reference, trace, probes, torchode_tolerances(args.quick))
     common.table(COLUMNS, rows)
 
 

@@ -80,3 +80,8 @@ def test_solver_error_bench_reports_coverage_against_the_references():
 def test_scale_bench_runs_beside_a_reference_checkout_and_plans_memory():
     out = run_bench("scale.py", "--reference", str(REPO))  # this checkout as its own reference
     assert "new/today time" in out and "rel diff vs today" in out and "Memory plan" in out and "planned estimate" in out
+
+
+def test_batch_independence_bench_runs_beside_a_reference_checkout():
+    out = run_bench("batch_independence.py", "--reference", str(REPO))  # this checkout as its own reference
+    assert "moved (nats)" in out and "| this checkout" in out and "| reference" in out
