@@ -18,10 +18,11 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose result for a row does not depend on how many rows share the call.
 
     A matrix product of fewer than 16 rows takes other kernels than a larger one, whose
-    rounding differs, so a row's last bits would change with its batch-mates. Smaller calls are zero-padded to 16 rows. Measured
-    bit for bit on CPU (torch 2.13, MKL) for 16 to 2048 rows at any place in the call, on one
-    thread; on several threads MKL splits products of the official widths (2048 x 8192) with
-    500 rows or more by their size, and the rows' rounding depends on the call again.
+    rounding differs, so a row's last bits would change with its batch-mates; smaller calls
+    are zero-padded to 16 rows. Measured bit for bit on CPU (torch 2.13, MKL) for 16 to 2048
+    rows at any place in the call, on one thread, and on two at the embedded model's widths;
+    on several threads MKL splits products of the official widths (2048 x 8192) with 500 rows
+    or more by their size, and the rows' rounding depends on the call again.
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from colaprob.attention import KVCache, attention, block_causal, key_rows, new_rows
-from colaprob.linear import Linear, linear
 from colaprob.config import VAEConfig
+from colaprob.linear import Linear, linear
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
