@@ -17,17 +17,13 @@ Two estimates, both from posterior draws of the whole text:
 
   A prefix that ends inside a prior block: the whole-text posterior of the covering block has
   seen response tokens, so it is narrower than the prefix marginal's posterior there and the
-  prefix weights are heavy-tailed. Such rows draw the prefix term from a proposal that
-  conditions on the prefix only (``prefix_proposal``): ``model.posterior`` of the prefix
-  alone (the batch with ``lengths = prefix_tokens``) on the latent positions holding prefix
-  tokens, and the prior's noise ``N(0, I)`` in the prior space on the covering block's
-  positions after them (no prefix token reads them; the DiT space is scaled to unit
-  variance). Its draws use the same random streams, so they stay paired with the joint's.
-  The encoder sees whole latent positions: with ``patch_size > 1`` and a prefix ending
-  inside a position, Cola's encoder also reads that position's response tokens (the weights
-  stay valid, the proposal is then a little narrower). Where the prefix estimate's k-hat is
-  computable and above its threshold, ``prefix_heavy_tailed`` is True and a warning names
-  the sequences.
+  prefix weights are heavy-tailed. Such rows draw the prefix term from a proposal that has
+  seen the prefix only (``prefix_proposal``; ``draws.prefix_only_proposal``: for Cola the
+  encoder on the prefix framed as a whole text, end-of-text token and padding after it; for
+  a model without an end-of-text token the encoder on the prefix alone and the prior's noise
+  after it). Its draws use the same random streams, so they stay paired with the joint's.
+  Where the prefix estimate's k-hat is computable and above its threshold,
+  ``prefix_heavy_tailed`` is True and a warning names the sequences.
 
 * ``direct_log_likelihood``: how Cola generates a response: the prefix latents are fixed to
   the posterior mean and given to the prior as clean positions (``t = 0``, also inside a
@@ -48,8 +44,8 @@ import torch
 import xarray as xr
 
 from colaprob.estimators import _checks, cnf, statistics, streams, units
-from colaprob.estimators.draws import check_arguments, describe, draw, weights_dataset
-from colaprob.protocol import DiagonalGaussian, LatentModel, TokenBatch
+from colaprob.estimators.draws import check_arguments, describe, draw, prefix_only_proposal, weights_dataset
+from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
 DIRECT_ESTIMATOR = "IWAE-{K} log p(x_res | z_pre = posterior mean), prefix latents clean at t = 0 (lower bound in expectation on the plug-in conditional)"
@@ -139,28 +135,17 @@ def conditional(
 def _prefix_proposal_terms(model, batch, keys, prefix, rows_mask, n_samples, options, terms) -> dict:
     """``terms`` with the prefix terms (``decoder_prefix``, ``prior_prefix``,
     ``posterior_prefix`` [B, K], and ``prior_prefix_solver_error``) of the rows in
-    ``rows_mask`` redrawn from the prefix-only proposal (module docstring), and ``nfe``, the
-    velocity evaluations this took. Only the covering blocks are drawn and integrated."""
-    P, bs, d = model.patch_size, model.block_size, model.latent_dim
+    ``rows_mask`` redrawn from the prefix-only proposal (``draws.prefix_only_proposal``), and
+    ``nfe``, the velocity evaluations this took. Only the covering blocks are drawn and
+    integrated."""
     rows = torch.nonzero(rows_mask)[:, 0]
     sub = batch.select(rows)
-    block_tokens = P * bs
+    block_tokens = model.patch_size * model.block_size
     covering_tokens = -(-prefix[rows] // block_tokens) * block_tokens
     width = min(int(covering_tokens.max()), sub.ids.shape[1])
     covering = dataclasses.replace(sub, ids=sub.ids[:, :width], lengths=torch.minimum(covering_tokens, sub.lengths))
-    with torch.no_grad():
-        alone = model.posterior(dataclasses.replace(covering, lengths=prefix[rows]))
-    L = -(-width // P)
-    read = torch.arange(L) < -(-prefix[rows] // P)[:, None]  # [R, L] positions holding prefix tokens
-    like = alone.mean
-    # N(0, I) on u = (z - shift) * scale is N(shift, scale^-2) on z.
-    mean = torch.full((len(rows), L, d), model.latent_shift, dtype=like.dtype, device=like.device)
-    logvar = torch.full_like(mean, -2 * math.log(abs(model.latent_scale)))
-    n = min(L, like.shape[-2])
-    keep = read[:, :n, None].to(like.device)
-    mean[:, :n] = torch.where(keep, like[:, :n], mean[:, :n])
-    logvar[:, :n] = torch.where(keep, alone.logvar[:, :n].to(logvar.dtype), logvar[:, :n])
-    draws = draw(model, covering, n_samples, keys=keys[rows], prefix_tokens=prefix[rows], proposal=DiagonalGaussian(mean, logvar), **options)
+    proposal = prefix_only_proposal(model, covering, prefix[rows])
+    draws = draw(model, covering, n_samples, keys=keys[rows], prefix_tokens=prefix[rows], proposal=proposal, **options)
     terms = dict(terms)
     for name in ("decoder_prefix", "prior_prefix", "posterior_prefix", "prior_prefix_solver_error"):
         if name in terms:

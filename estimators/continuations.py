@@ -17,17 +17,26 @@ of the latents of the prior blocks covering them,
 
 Consistent, not a bound; the SE of the difference uses the pairing.
 
+The context term's proposal has seen the context only (``draws.prefix_only_proposal``: for
+Cola the encoder on the context framed as a whole text, its end-of-text token and padding
+filling the block the context ends inside). The joint row's posterior has seen the
+continuation in that block, so its weights for ``p(x_{< n_c})`` are heavy-tailed and differ
+from choice to choice (on a tractable model up to 1.45 nats, 12 SE, off at K = 4096; on the
+embedded model the context terms of one item's choices spread over up to 11 nats). So the
+context term is one number per item, whatever the choices.
+
 Shared context. Blocks wholly inside the context (``F = n_c // (patch_size * block_size)`` of
-them) are the same for every choice: their latents are drawn from the posterior of the
-context alone (the same random stream for every choice, keyed by the item), and their prior
-terms come from ONE ODE solve per item. Each choice then integrates only the blocks from
-``F`` on, with the context's latents as clean history (the model's
-``prior_velocity_window`` when it has one: the DiT sees only those rows, the clean history's
-keys and values computed once per solve; otherwise the full 2L layout, which gives the same
-numbers at the full cost). With a causal encoder the context posterior equals each joint
-row's, so the result is exactly (to float rounding) the independent per-choice computation
-(``share_context=False``) on the same draws; with any encoder the weights stay valid
-importance weights (the proposal is the context posterior times the row's).
+them) are the same for every choice: their latents are the context term's draws (the same
+random stream for every choice, keyed by the item), and their prior terms come from the
+context term's ODE solve, ONE per item over the blocks covering the context. Each choice then
+integrates only the blocks from ``F`` on, with the context's latents as clean history (the
+model's ``prior_velocity_window`` when it has one: the DiT sees only those rows, the clean
+history's keys and values computed once per solve; otherwise the full 2L layout, which gives
+the same numbers at the full cost). With a causal encoder the context posterior equals each
+joint row's there, so the result is exactly (to float rounding) the independent per-choice
+computation (``share_context=False``: every row integrates its whole sequence, and its
+context term is solved for it alone) on the same draws; with any encoder the weights stay
+valid importance weights.
 
 Framing (the one place it happens; see the README, "Task evaluation"): a context's trailing
 whitespace moves to the start of every continuation (lm-evaluation-harness's rule); the
@@ -51,8 +60,8 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.estimators import cnf, statistics, streams
-from colaprob.estimators.draws import marginal_terms
-from colaprob.estimators.layout import LatentLayout
+from colaprob.estimators.draws import marginal_terms, prefix_only_proposal
+from colaprob.estimators.layout import LatentLayout, ceil_div
 from colaprob.protocol import DiagonalGaussian, TokenBatch, to_prior_space
 
 ESTIMATOR = "IWAE-{K} log p(context + continuation) - IWAE-{K} log p(context), marginal over later tokens, on common random numbers (consistent, not a bound)"
@@ -248,103 +257,151 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
     """Log-weights of samples ``indices`` by name, each [k, R] float64: ``joint`` and
     ``context``, and with ``solver.solver_error`` their solver errors ``joint_error`` and
     ``context_error`` (the covering blocks' estimated errors, summed); and the settings."""
-    P, bs, d = model.patch_size, model.block_size, model.latent_dim
+    P, bs = model.patch_size, model.block_size
     rows = batch.token_batch()
-    R, N = rows.ids.shape
     with torch.no_grad():
         q = model.posterior(rows)
-    device, dtype = q.mean.device, q.mean.dtype
-    L = q.mean.shape[-2]
     layout = LatentLayout.of(model, rows)
-    shared_blocks = batch.context_tokens // (P * bs) if share_context else torch.zeros(R, dtype=torch.long)
-    shared = layout.position_mask(shared_blocks * bs)  # [R, L]
-    first_row = _first_rows(batch)  # [n_items] the row that stands for each item
-    if shared.any():
-        q = _with_context_posterior(model, batch, q, shared_blocks, first_row)
-    row_keys = keys[batch.item]
-    latent_lengths = layout.positions()
-    eps = streams.draws(seed, streams.POSTERIOR, row_keys, indices, latent_lengths, d)
-    eps = torch.nn.functional.pad(eps, (0, 0, 0, L - eps.shape[-2])).to(device, dtype)
-    probes = None
-    if solver.hutchinson:
-        probes = streams.draws(seed, streams.PROBE, row_keys, indices, latent_lengths, d, solver.probe, leading=(solver.n_probes,))
-        probes = torch.nn.functional.pad(probes, (0, 0, 0, L - probes.shape[-2])).to(device, dtype)
+    context = _Context.of(model, batch, keys, share_context)
+    shared_blocks = batch.context_tokens // (P * bs) if share_context else torch.zeros(len(batch.item), dtype=torch.long)
+    if shared_blocks.any():
+        q = context.in_rows(q, shared_blocks * bs)
+    options = dict(seed=seed, solver=solver)
+    eps, probes = _streams(q, keys[batch.item], indices, layout.positions(), options)
     with torch.no_grad():
         z = q.sample(eps)  # [k, R, L, d]
         decoder = model.decoder_log_prob(z, rows).double().cpu()  # [k, R, N]
         posterior = q.log_prob(z).cpu()  # [k, R, L]
     u = to_prior_space(model, z)
-    options = dict(seed=seed, solver=solver)
-    block_prior, block_error, settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), batch, first_row, cost, options)
-    block_prior = block_prior + bs * d * math.log(abs(model.latent_scale))  # on z, per whole block
-
-    block_posterior = layout.per_block(posterior)
-
-    def log_weight(n_tokens: Tensor) -> Tensor:
-        dec, prior, post = marginal_terms(layout, decoder, block_prior, block_posterior, n_tokens)
-        return dec + prior - post
-
-    weights = {"joint": log_weight(batch.total_tokens), "context": log_weight(batch.context_tokens)}
+    weights, context_prior, settings = context.weights(model, indices, cost, options)
+    block_prior, block_error, row_settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), context, context_prior, cost, options)
+    weights["joint"] = _marginal_log_weight(model, layout, decoder, block_prior, posterior, batch.total_tokens)
     if block_error is not None:
-        for name, tokens in (("joint", batch.total_tokens), ("context", batch.context_tokens)):
-            weights[f"{name}_error"] = (block_error * layout.block_mask(tokens)).sum(-1)
-    return weights, settings
+        weights["joint_error"] = (block_error * layout.block_mask(batch.total_tokens)).sum(-1)
+    return weights, row_settings or settings
 
 
-def _first_rows(batch: ContinuationBatch) -> Tensor:
-    """[n_items] the first row of every item."""
-    first = torch.full((batch.n_items,), -1, dtype=torch.long)
-    for r in reversed(range(len(batch.item))):
-        first[batch.item[r]] = r
-    return first
+def _streams(q: DiagonalGaussian, keys: Tensor, indices, positions: Tensor, options) -> tuple[Tensor, Tensor | None]:
+    """The posterior draws' ``eps`` [k, B, L, d] of the sequences keyed ``keys`` and, for a
+    Hutchinson solver, their probes [n_probes, k, B, L, d], on ``q``'s grid and device (zero
+    beyond each sequence's ``positions``)."""
+    L, d = q.mean.shape[-2:]
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[-2])).to(q.mean.device, q.mean.dtype)
+    seed, solver = options["seed"], options["solver"]
+    eps = pad(streams.draws(seed, streams.POSTERIOR, keys, indices, positions, d))
+    if not solver.hutchinson:
+        return eps, None
+    return eps, pad(streams.draws(seed, streams.PROBE, keys, indices, positions, d, solver.probe, leading=(solver.n_probes,)))
 
 
-def _with_context_posterior(model, batch, q, shared_blocks, first_row) -> DiagonalGaussian:
-    """``q`` with the latents of the shared context blocks taken from the posterior of the
-    context alone (those blocks' tokens only), identical for every choice of an item."""
-    P, bs = model.patch_size, model.block_size
-    ctx_tokens = shared_blocks[first_row] * bs * P  # [n_items]
-    items = torch.nonzero(ctx_tokens > 0)[:, 0]
-    width = int(ctx_tokens.max())
-    ids = batch.ids[first_row[items], :width]
-    alone = TokenBatch(ids=ids, lengths=ctx_tokens[items], n_tokens=ctx_tokens[items], n_bytes=ctx_tokens[items], n_words=ctx_tokens[items])
-    with torch.no_grad():
-        qc = model.posterior(alone)  # [I', Lc, d]
-    slot = torch.full((batch.n_items,), -1, dtype=torch.long)
-    slot[items] = torch.arange(len(items))
-    L, Lc = q.mean.shape[-2], qc.mean.shape[-2]
-    where = (torch.arange(L) < (shared_blocks * bs)[:, None])[..., None].to(q.mean.device)  # [R, L, 1]
-    source = slot[batch.item].clamp_min(0)
-    pad = lambda x: torch.nn.functional.pad(x[source], (0, 0, 0, L - Lc))
-    return DiagonalGaussian(torch.where(where, pad(qc.mean), q.mean), torch.where(where, pad(qc.logvar), q.logvar))
+def _marginal_log_weight(model, layout, decoder, block_prior, posterior, tokens) -> Tensor:
+    """``log w`` [k, B] of the marginal of the first ``tokens`` [B] tokens: their decoder terms
+    (``decoder`` [k, B, N]) and the prior (``block_prior`` [k, B, n_blocks], of ``u``) and
+    posterior (``posterior`` [k, B, L]) of the blocks covering them."""
+    bs, d = model.block_size, model.latent_dim
+    block_prior = block_prior + bs * d * math.log(abs(model.latent_scale))  # on z, per whole block
+    dec, prior, post = marginal_terms(layout, decoder, block_prior, layout.per_block(posterior), tokens)
+    return dec + prior - post
 
 
-def _block_prior(model, u, probes, shared_blocks, joint_blocks, batch, first_row, cost, options):
+@dataclass(frozen=True)
+class _Context:
+    """The contexts of the rows, each alone: one per item with ``share_context`` (every choice
+    given its item's), one per row without. ``unit`` [R]: each row's context (-1 for a row
+    without one); per context ``keys`` (the item's random stream: on the blocks wholly
+    inside the context its draws are the very draws of the joint rows), ``batch`` (its row
+    cut to the blocks covering the context; ``n_tokens`` the context's tokens) and the
+    prefix-only proposal there (``proposal`` [U, Lc, d])."""
+
+    unit: Tensor
+    keys: Tensor
+    batch: TokenBatch | None
+    proposal: DiagonalGaussian | None
+
+    @classmethod
+    def of(cls, model, batch: ContinuationBatch, keys: Tensor, share_context: bool) -> "_Context":
+        R = len(batch.item)
+        if share_context:  # the first row of every item stands for it
+            source = torch.full((batch.n_items,), -1, dtype=torch.long)
+            for r in reversed(range(R)):
+                source[batch.item[r]] = r
+            of_row = batch.item
+        else:
+            source, of_row = torch.arange(R), torch.arange(R)
+        n = batch.context_tokens[source]
+        has = torch.nonzero(n > 0)[:, 0]
+        slot = torch.full((len(source),), -1, dtype=torch.long)
+        slot[has] = torch.arange(len(has))
+        unit, rows = slot[of_row], source[has]
+        if not len(has):
+            return cls(unit, keys[:0], None, None)
+        block_tokens = model.patch_size * model.block_size
+        n = n[has]
+        covering = ceil_div(n, block_tokens) * block_tokens
+        alone = TokenBatch(ids=batch.ids[rows, : int(covering.max())], lengths=covering, n_tokens=n, n_bytes=n, n_words=n)
+        return cls(unit, keys[batch.item[rows]], alone, prefix_only_proposal(model, alone, n))
+
+    def in_rows(self, q: DiagonalGaussian, positions: Tensor) -> DiagonalGaussian:
+        """``q`` of the rows with each row's first ``positions`` [R] latent positions (whole
+        context blocks) taken from its context's proposal: the same for every choice."""
+        L = q.mean.shape[-2]
+        source = self.unit.clamp_min(0)
+        pad = lambda x: torch.nn.functional.pad(x[source], (0, 0, 0, max(L - x.shape[-2], 0)))[..., :L, :]
+        where = (torch.arange(L) < positions[:, None])[..., None].to(q.mean.device)  # [R, L, 1]
+        return DiagonalGaussian(torch.where(where, pad(self.proposal.mean), q.mean), torch.where(where, pad(self.proposal.logvar), q.logvar))
+
+    def weights(self, model, indices, cost: _Cost, options) -> tuple[dict, tuple | None, dict]:
+        """The context term of samples ``indices``: ``context`` [k, R] log-weights of the rows
+        (and ``context_error``), each row given its context's, 0 without one; the prior of
+        the covering blocks solved once per context, ``(block_logp, block_error)`` [k, U,
+        n_blocks] (None without contexts), of which the joint rows take their shared blocks;
+        and the solver settings."""
+        k, d, R = len(indices), model.latent_dim, len(self.unit)
+        out = {"context": torch.zeros(k, R, dtype=torch.float64)}
+        if options["solver"].solver_error:
+            out["context_error"] = torch.zeros(k, R, dtype=torch.float64)
+        if self.batch is None:
+            return out, None, {}
+        layout = LatentLayout.of(model, self.batch)
+        eps, probes = _streams(self.proposal, self.keys, indices, layout.positions(), options)
+        with torch.no_grad():
+            z = self.proposal.sample(eps)  # [k, U, Lc, d]
+            decoder = model.decoder_log_prob(z, self.batch).double().cpu()
+            posterior = self.proposal.log_prob(z).cpu()
+        u = to_prior_space(model, z)
+        lengths = layout.positions().to(u.device).expand(k, -1)
+        r = cnf.block_causal_log_prob(_counted(model.prior_velocity, cost, d), u, model.block_size, lengths=lengths, probes=probes, **options)
+        _count_history(model, cost, u, d)
+        cost.nfe, cost.error_nfe = cost.nfe + r.nfe, cost.error_nfe + r.error_nfe
+        block_logp = r.block_logp.cpu()
+        block_error = None if r.block_logp_error is None else r.block_logp_error.cpu()
+        has = self.unit >= 0
+        source = self.unit[has]
+        out["context"][:, has] = _marginal_log_weight(model, layout, decoder, block_logp, posterior, self.batch.n_tokens)[:, source]
+        if block_error is not None:
+            out["context_error"][:, has] = (block_error * layout.block_mask(self.batch.n_tokens)).sum(-1)[:, source]
+        return out, (block_logp, block_error), r.settings
+
+
+def _block_prior(model, u, probes, shared_blocks, joint_blocks, context: _Context, context_prior, cost, options):
     """``log p(u^(b) | u^(<b))`` per row and absolute block, [k, R, n_blocks] float64 (0 beyond
     a row's covering blocks), each block's estimated solver error in the same layout (None
-    without ``solver_error``), and the solver settings. Shared context blocks come from one
-    solve per item; the rest from one solve per group of rows that share where it starts."""
+    without ``solver_error``), and the solver settings. The ``shared_blocks`` [R] of a row
+    come from its context's solve (``context_prior``, ``_Context.weights``); the rest
+    from one solve per group of rows that share where it starts."""
     bs = model.block_size
     k, R, L, d = u.shape
     n_blocks = -(-L // bs)
     out = torch.zeros(k, R, n_blocks, dtype=torch.float64)
     error = torch.zeros(k, R, n_blocks, dtype=torch.float64) if options["solver"].solver_error else None
     settings = {}
-    ctx_blocks = shared_blocks[first_row]  # [n_items]
-    items = torch.nonzero(ctx_blocks > 0)[:, 0]
-    if len(items):  # the context: once per item
-        width = int(ctx_blocks[items].max()) * bs
-        z0 = u[:, first_row[items], :width].contiguous()
-        p = None if probes is None else probes[:, :, first_row[items], :width].contiguous()
-        r = cnf.block_causal_log_prob(_counted(model.prior_velocity, cost, d), z0, bs, lengths=(ctx_blocks[items] * bs).to(u.device).expand(k, -1), probes=p, **options)
-        _count_history(model, cost, z0, d)
-        cost.nfe, cost.error_nfe = cost.nfe + r.nfe, cost.error_nfe + r.error_nfe
-        in_context = torch.arange(r.block_logp.shape[-1]) < shared_blocks[:, None]
-        for target, values in ((out, r.block_logp), (error, r.block_logp_error)):
+    if shared_blocks.any():
+        source = context.unit.clamp_min(0)
+        width = min(context_prior[0].shape[-1], n_blocks)
+        in_context = torch.arange(width) < shared_blocks[:, None]  # [R, width]
+        for target, values in zip((out, error), context_prior):
             if target is not None:
-                per_item = torch.zeros(k, batch.n_items, values.shape[-1], dtype=torch.float64)
-                per_item[:, items] = values.cpu()
-                target[..., : values.shape[-1]] += per_item[:, batch.item] * in_context  # [k, R, nbc] per row
+                target[..., :width] += values[:, source, :width] * in_context
     for start in shared_blocks.unique().tolist():  # each choice: the blocks its continuation touches
         group = torch.nonzero(shared_blocks == start)[:, 0]
         s, end = start * bs, int(joint_blocks[group].max()) * bs
@@ -440,15 +497,14 @@ def _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk
     ds["khat_context"] = statistics.pareto_khat(ds["log_weight_context"])
     ds["khat_threshold"] = statistics.khat_threshold(n_samples)
     ds["ess"] = statistics.ess(ds["log_weight"])
-    # The context term's covering block is drawn from the joint row's posterior, which has
-    # seen the continuation: where the context ends inside a block its weights can be
-    # heavy-tailed (see colaprob.estimators.conditional); say so where k-hat can tell.
+    # The context term draws from a proposal that has seen the context only, but a fitted
+    # Gaussian can still be heavy-tailed against the prefix marginal's posterior (a sharp
+    # decoder, a narrow encoder); say so where k-hat can tell. One term per item.
     ds["context_heavy_tailed"] = bool(statistics.khat_computable(n_samples)) & (ds["khat_context"] > ds["khat_threshold"])
     if ds["context_heavy_tailed"].any():
-        where = np.argwhere(ds["context_heavy_tailed"].values)
-        named = ", ".join(f"item {ds.item.values[i]} choice {c}" for i, c in where)
+        named = ", ".join(str(item) for item in ds.item.values[ds["context_heavy_tailed"].any("choice").values])
         warnings.warn(
-            f"the context term log p(context) of {named} has heavy-tailed importance weights (k-hat above its threshold), "
+            f"the context term log p(context) of item(s) {named} has heavy-tailed importance weights (k-hat above its threshold), "
             "so its value and standard error may be far off; use more samples (K) and see context_heavy_tailed.",
             stacklevel=3,
         )

@@ -28,9 +28,11 @@ the element's error ratio ``r``. The step is accepted when ``r <= 1``, and the n
 
 The first step follows Hairer, Norsett & Wanner (Solving ODEs I, II.4): ``h0 = 0.01 d0 / d1``
 from the norms ``d0`` of ``y0`` and ``d1`` of ``f(0, y0)``, then ``h1 = (0.01 / max(d1, d2))^(1/5)``
-with ``d2`` the norm of the change of ``f`` over ``h0``; ``h = min(100 h0, h1)``. These are the
-choices of ``torchdiffeq``'s ``dopri5``, so step counts are comparable with it. The last step of
-every element is cut to end exactly at ``t = 1``.
+with ``d2`` the norm of the change of ``f`` over ``h0``; ``h = min(100 h0, h1)``. The exponent
+1/5 is one over the error estimate's order plus one (as SciPy's ``RK45``; ``torchdiffeq``'s
+``dopri5`` takes 1/6, so its first trial step differs); the controller is ``torchdiffeq``'s,
+so step counts are comparable with it. The last step of every element is cut to end exactly
+at ``t = 1``.
 
 A step that no longer moves ``t`` in float64, or a non-finite error estimate, raises
 ``StepUnderflow``; ``colaprob.estimators.cnf`` turns it into its ``SolverFailure``.

@@ -103,3 +103,31 @@ def test_heavy_tailed_prefix_weights_are_flagged_and_named():
         warnings.simplefilter("error")
         few = conditional(model, batch, 2, 8, direct=False, **FIXED)
     assert not few.prefix_heavy_tailed.any() and np.isnan(few.khat_prefix).all()
+
+
+def test_the_prefix_only_proposal_of_cola_is_the_prefix_framed_as_a_whole_text():
+    """On the official-format fixture (block-causal VAE, an end-of-text token): the proposal
+    for the covering blocks is the posterior of the prefix framed as ``model.frame`` frames a
+    text, and no token after the prefix moves it."""
+    from pathlib import Path
+
+    import dataclasses
+
+    import colaprob
+    from colaprob.estimators.draws import prefix_only_proposal
+
+    cola = colaprob.load(str(Path(__file__).parent / "fixtures" / "official-tiny-a"))
+    prompt = "The cat sat on"
+    batch = cola.frame([prompt + " the mat and slept", prompt + " a hat"])
+    tokens = cola.tokenizer.encode(prompt)
+    prefix = torch.full((2,), 1 + len(tokens))  # bos + the prompt's tokens
+    assert batch.ids[:, 1 : 1 + len(tokens)].tolist() == [tokens, tokens]
+    block_tokens = cola.patch_size * cola.block_size
+    covering = int(-(-prefix[0] // block_tokens) * block_tokens)
+    assert prefix[0] % block_tokens != 0  # the prompt ends inside a block
+    cut = dataclasses.replace(batch, ids=batch.ids[:, :covering], lengths=torch.full((2,), covering))
+    q = prefix_only_proposal(cola, cut, prefix)
+    alone = cola.posterior(cola.frame([prompt]))
+    L = covering // cola.patch_size
+    torch.testing.assert_close(q.mean, alone.mean[:, :L].expand(2, -1, -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(q.logvar, alone.logvar[:, :L].expand(2, -1, -1), rtol=0, atol=1e-6)
