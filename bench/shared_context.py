@@ -5,7 +5,8 @@ common posterior draws. With ``share_context=True`` (what ``colaprob eval`` runs
 blocks wholly inside the context are integrated in one ODE solve per item and each choice
 solves only the blocks its continuation touches, over the context's clean history (the DiT
 evaluates those rows only: ``ColaModel.prior_velocity_window``). With ``share_context=False``
-every choice integrates its whole sequence, as independent per-choice scoring would. Both
+every choice integrates its whole sequence and solves its own context term, as independent
+per-choice scoring (the conditional estimator, choice by choice) would. Both
 give the same numbers on the same draws (to the solver's tolerance with an adaptive solver:
 the step sizes are chosen per solve; to float rounding on a fixed grid).
 
