@@ -35,7 +35,6 @@ Two estimates, both from posterior draws of the whole text:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 
@@ -44,7 +43,7 @@ import torch
 import xarray as xr
 
 from colaprob.estimators import _checks, cnf, statistics, streams, units
-from colaprob.estimators.draws import check_arguments, describe, draw, prefix_only_proposal, weights_dataset
+from colaprob.estimators.draws import check_arguments, covering_rows, describe, draw, prefix_only_proposal, weights_dataset
 from colaprob.protocol import LatentModel, TokenBatch
 
 ESTIMATOR = "IWAE-{K} log p(x) - IWAE-{K} log p(x_pre) on common random numbers (consistent, not a bound)"
@@ -139,11 +138,7 @@ def _prefix_proposal_terms(model, batch, keys, prefix, rows_mask, n_samples, opt
     ``nfe``, the velocity evaluations this took. Only the covering blocks are drawn and
     integrated."""
     rows = torch.nonzero(rows_mask)[:, 0]
-    sub = batch.select(rows)
-    block_tokens = model.patch_size * model.block_size
-    covering_tokens = -(-prefix[rows] // block_tokens) * block_tokens
-    width = min(int(covering_tokens.max()), sub.ids.shape[1])
-    covering = dataclasses.replace(sub, ids=sub.ids[:, :width], lengths=torch.minimum(covering_tokens, sub.lengths))
+    covering = covering_rows(model, batch.select(rows), prefix[rows])
     proposal = prefix_only_proposal(model, covering, prefix[rows])
     draws = draw(model, covering, n_samples, keys=keys[rows], prefix_tokens=prefix[rows], proposal=proposal, **options)
     terms = dict(terms)

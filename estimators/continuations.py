@@ -60,8 +60,8 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.estimators import cnf, statistics, streams
-from colaprob.estimators.draws import marginal_terms, prefix_only_proposal
-from colaprob.estimators.layout import LatentLayout, ceil_div
+from colaprob.estimators.draws import covering_rows, marginal_terms, prefix_only_proposal
+from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import DiagonalGaussian, TokenBatch, to_prior_space
 
 ESTIMATOR = "IWAE-{K} log p(context + continuation) - IWAE-{K} log p(context), marginal over later tokens, on common random numbers (consistent, not a bound)"
@@ -309,12 +309,13 @@ class _Context:
     """The contexts of the rows, each alone: one per item with ``share_context`` (every choice
     given its item's), one per row without. ``unit`` [R]: each row's context (-1 for a row
     without one); per context ``keys`` (the item's random stream: on the blocks wholly
-    inside the context its draws are the very draws of the joint rows), ``batch`` (its row
-    cut to the blocks covering the context; ``n_tokens`` the context's tokens) and the
+    inside the context its draws are the very draws of the joint rows), ``tokens`` (the
+    context's), ``batch`` (its row cut to the blocks covering the context) and the
     prefix-only proposal there (``proposal`` [U, Lc, d])."""
 
     unit: Tensor
     keys: Tensor
+    tokens: Tensor
     batch: TokenBatch | None
     proposal: DiagonalGaussian | None
 
@@ -332,14 +333,11 @@ class _Context:
         has = torch.nonzero(n > 0)[:, 0]
         slot = torch.full((len(source),), -1, dtype=torch.long)
         slot[has] = torch.arange(len(has))
-        unit, rows = slot[of_row], source[has]
+        unit, rows, n = slot[of_row], source[has], n[has]
         if not len(has):
-            return cls(unit, keys[:0], None, None)
-        block_tokens = model.patch_size * model.block_size
-        n = n[has]
-        covering = ceil_div(n, block_tokens) * block_tokens
-        alone = TokenBatch(ids=batch.ids[rows, : int(covering.max())], lengths=covering, n_tokens=n, n_bytes=n, n_words=n)
-        return cls(unit, keys[batch.item[rows]], alone, prefix_only_proposal(model, alone, n))
+            return cls(unit, keys[:0], n, None, None)
+        alone = covering_rows(model, batch.token_batch().select(rows), n)
+        return cls(unit, keys[batch.item[rows]], n, alone, prefix_only_proposal(model, alone, n))
 
     def in_rows(self, q: DiagonalGaussian, positions: Tensor) -> DiagonalGaussian:
         """``q`` of the rows with each row's first ``positions`` [R] latent positions (whole
@@ -377,9 +375,9 @@ class _Context:
         block_error = None if r.block_logp_error is None else r.block_logp_error.cpu()
         has = self.unit >= 0
         source = self.unit[has]
-        out["context"][:, has] = _marginal_log_weight(model, layout, decoder, block_logp, posterior, self.batch.n_tokens)[:, source]
+        out["context"][:, has] = _marginal_log_weight(model, layout, decoder, block_logp, posterior, self.tokens)[:, source]
         if block_error is not None:
-            out["context_error"][:, has] = (block_error * layout.block_mask(self.batch.n_tokens)).sum(-1)[:, source]
+            out["context_error"][:, has] = (block_error * layout.block_mask(self.tokens)).sum(-1)[:, source]
         return out, (block_logp, block_error), r.settings
 
 

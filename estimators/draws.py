@@ -136,10 +136,19 @@ def marginal_terms(layout: LatentLayout, decoder: Tensor, block_prior: Tensor, b
     return (decoder * layout.token_mask(tokens)).sum(-1), (block_prior * covering).sum(-1), (block_posterior * covering).sum(-1)
 
 
+def covering_rows(model, batch: TokenBatch, prefix: Tensor) -> TokenBatch:
+    """``batch`` cut to the prior blocks covering each row's first ``prefix`` [B] tokens: the
+    tokens a prefix marginal integrates (``lengths`` the covering blocks' end, or the row's
+    own length where that comes first)."""
+    block_tokens = model.patch_size * model.block_size
+    covering = -(-torch.as_tensor(prefix).long() // block_tokens) * block_tokens
+    width = min(int(covering.max()), batch.ids.shape[1])
+    return dataclasses.replace(batch, ids=batch.ids[:, :width], lengths=torch.minimum(covering, torch.as_tensor(batch.lengths)))
+
+
 def prefix_only_proposal(model, covering: TokenBatch, prefix: Tensor) -> DiagonalGaussian:
     """A proposal for the blocks covering each row's first ``prefix`` [B] tokens that has seen
-    those tokens only: [B, L, d] over the latent positions of ``covering`` (rows cut to whole
-    covering blocks). The whole-text posterior of a block the prefix ends inside has seen
+    those tokens only: [B, L, d] over the latent positions of ``covering`` (``covering_rows``). The whole-text posterior of a block the prefix ends inside has seen
     later tokens and is narrower than the prefix marginal's posterior there, so its weights
     for the prefix term are heavy-tailed and depend on what follows.
 
