@@ -41,6 +41,7 @@ import common
 import torch
 
 from colaprob.estimators import cnf
+from colaprob.estimators.solver import SAFETY
 
 FLOOR = 1e-6  # nats: float32 rounding of the embedded model's densities
 WARP = 0.8  # the concentrated grid's steps are 9 times denser at t = 0 and 1 than at 1/2
@@ -138,8 +139,11 @@ def torchode_rows(velocity, u, bs, reference, trace, probes, tolerances) -> list
     return rows
 
 
-def measure(velocity, u, bs, lengths, reference, trace, probes, choice) -> list:
+def measure(velocity, u, bs, lengths, reference, trace, probes, choice, study: dict) -> list:
+    """One row of ``COLUMNS``; ``(true, reported)`` errors per sequence and per block go to
+    ``study`` under the choice's kind (``safety_rows``)."""
     name, choice = label(choice), dict(choice)
+    kind = "grid" if "steps" in choice else "adaptive"
     if "warp" in choice:
         velocity = warped(velocity, choice.pop("warp"))
     start = time.process_time()
@@ -149,14 +153,47 @@ def measure(velocity, u, bs, lengths, reference, trace, probes, choice) -> list:
     true_seq = (r.logp - reference.logp).abs()
     true_block = (r.block_logp - reference.block_logp).abs()[integrated]
     est_seq, est_block = r.logp_error, r.block_logp_error[integrated]
-    covers = lambda est, true: float((est >= true).double().mean())
-    within = lambda est, true: float(((est <= 10 * true) | (true < FLOOR) & (est <= 10 * FLOOR)).double().mean())
+    for unit, true, est in (("seq", true_seq, est_seq), ("block", true_block, est_block)):
+        study.setdefault((kind, unit), []).append((true.flatten(), est.flatten()))
     return [
         name, r.nfe, r.error_nfe, f"{seconds:.1f}",
         f"{float(true_seq.max()):.2e}", f"{float(est_seq.max()):.2e}", f"{float(true_block.max()):.2e}",
         f"{covers(est_seq, true_seq):.2f}", f"{covers(est_block, true_block):.2f}",
         f"{within(est_seq, true_seq):.2f}", f"{within(est_block, true_block):.2f}",
     ]
+
+
+def covers(est, true) -> float:
+    return float((est >= true).double().mean())
+
+
+def within(est, true) -> float:
+    return float(((est <= 10 * true) | (true < FLOOR) & (est <= 10 * FLOOR)).double().mean())
+
+
+SAFETY_FACTORS = (1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def safety_rows(study: dict) -> list:
+    """Coverage of the reported error had its safety factor been ``s`` instead of
+    ``solver.SAFETY`` (the estimate scales with it), pooled over the rows of one kind:
+    one row per kind, unit and ``s`` in ``SAFETY_FACTORS``."""
+    rows = []
+    for (kind, unit), pairs in study.items():
+        true, est = (torch.cat(x) for x in zip(*pairs))
+        for s in SAFETY_FACTORS:
+            scaled = est * s / SAFETY
+            rows.append([kind, unit, len(true), f"{s:g}", f"{covers(scaled, true):.3f}", f"{within(scaled, true):.3f}"])
+    return rows
+
+
+SAFETY_COLUMNS = ["solver kind", "unit", "cases", "safety factor", "bounds", "within 10x"]
+
+
+def print_study(study: dict) -> None:
+    print(f"Coverage against the safety factor (the reported errors of the rows above scaled by s / {SAFETY:g}; torchode has none):")
+    print()
+    common.table(SAFETY_COLUMNS, safety_rows(study))
 
 
 COLUMNS = ["solver", "nfe", "estimate nfe", "CPU s", "max true error/seq", "max reported/seq", "max true error/block",
@@ -172,9 +209,11 @@ def analytic(args) -> None:
                                  prior_logp=exact.sum(-1), delta_logp=exact.sum(-1), z1=u.double(), nfe=0, settings={})
     print(f"## Analytic harness: BlockMixturePrior (block 2, d 2), {u.shape[0]} sequences of {n_blocks} blocks, float32 latents, exact trace")
     print()
-    rows = [measure(prior.velocity, u, 2, None, reference, "exact", None, c) for c in choices(args.quick)]
+    study = {}
+    rows = [measure(prior.velocity, u, 2, None, reference, "exact", None, c, study) for c in choices(args.quick)]
     rows += torchode_rows(prior.velocity, u, 2, reference, "exact", None, torchode_tolerances(args.quick))
     common.table(COLUMNS, rows)
+    print_study(study)
 
 
 def embedded(args) -> None:
@@ -202,9 +241,11 @@ def embedded(args) -> None:
     print()
     print(f"Reference: float64 copy, dopri5 at rtol = atol = {ref_tol:g}: {reference.nfe} evaluations, {ref_seconds:.0f} s CPU.")
     print()
-    rows = [measure(model.prior_velocity, u, model.block_size, None, reference, trace, probes, c) for c in choices(args.quick)]
+    study = {}
+    rows = [measure(model.prior_velocity, u, model.block_size, None, reference, trace, probes, c, study) for c in choices(args.quick)]
     rows += torchode_rows(model.prior_velocity, u, model.block_size, reference, trace, probes, torchode_tolerances(args.quick))
     common.table(COLUMNS, rows)
+    print_study(study)
 
 
 def main(argv=None) -> None:

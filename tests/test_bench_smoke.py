@@ -75,6 +75,18 @@ def test_install_footprint_bench_measures_this_environment():
 def test_solver_error_bench_reports_coverage_against_the_references():
     out = run_bench("solver_error.py")
     assert "bounds (seq)" in out and "Analytic harness" in out and "Embedded DiT" in out
+    # The safety-factor table: a larger factor can only bound more cases and over-report more.
+    study = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| adaptive") or line.startswith("| grid")]
+    assert study
+    runs = []  # consecutive rows of one kind and unit: one model's factors in increasing order
+    for kind, unit, _, factor, bounds, within in study:
+        if not runs or runs[-1][0] != (kind, unit):
+            runs.append(((kind, unit), []))
+        runs[-1][1].append((float(factor), float(bounds), float(within)))
+    assert len(runs) == 8  # two models x (adaptive, grid) x (sequence, block)
+    for _, rows in runs:
+        factors, bounds, within = zip(*rows)
+        assert list(factors) == sorted(factors) and list(bounds) == sorted(bounds) and list(within) == sorted(within, reverse=True)
 
 
 def test_scale_bench_runs_beside_a_reference_checkout_and_plans_memory():
