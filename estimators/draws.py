@@ -148,9 +148,10 @@ def covering_rows(model, batch: TokenBatch, prefix: Tensor) -> TokenBatch:
 
 def prefix_only_proposal(model, covering: TokenBatch, prefix: Tensor) -> DiagonalGaussian:
     """A proposal for the blocks covering each row's first ``prefix`` [B] tokens that has seen
-    those tokens only: [B, L, d] over the latent positions of ``covering`` (``covering_rows``). The whole-text posterior of a block the prefix ends inside has seen
-    later tokens and is narrower than the prefix marginal's posterior there, so its weights
-    for the prefix term are heavy-tailed and depend on what follows.
+    those tokens only: [B, L, d] over the latent positions of ``covering`` (``covering_rows``).
+    The whole-text posterior of a block the prefix ends inside has seen later tokens and is
+    narrower than the prefix marginal's posterior there, so its weights for the prefix term
+    are heavy-tailed and depend on what follows.
 
     * A model whose framing ends a text with an end-of-text token (Cola): ``model.posterior``
       of the prefix framed as a whole text, ``prefix + [eos] + [pad ...]`` to the end of the
