@@ -23,7 +23,11 @@ filling the block the context ends inside). The joint row's posterior has seen t
 continuation in that block, so its weights for ``p(x_{< n_c})`` are heavy-tailed and differ
 from choice to choice (on a tractable model up to 1.45 nats, 12 SE, off at K = 4096; on the
 embedded model the context terms of one item's choices spread over up to 11 nats). So the
-context term is one number per item, whatever the choices.
+context term is one number per item, whatever the choices. The same holds for a joint that
+ends inside a prior block: the row's posterior has seen what follows it (for Cola the
+end-of-text token and padding, which is the joint framed as a whole text, so nothing
+changes; for a model without one, padding it has read as tokens), and those blocks draw from
+the joint's prefix-only proposal.
 
 Shared context. Blocks wholly inside the context (``F = n_c // (patch_size * block_size)`` of
 them) are the same for every choice: their latents are the context term's draws (the same
@@ -259,8 +263,7 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
     ``context_error`` (the covering blocks' estimated errors, summed); and the settings."""
     P, bs = model.patch_size, model.block_size
     rows = batch.token_batch()
-    with torch.no_grad():
-        q = model.posterior(rows)
+    q = _joint_proposal(model, rows, batch.total_tokens)
     layout = LatentLayout.of(model, rows)
     context = _Context.of(model, batch, keys, share_context)
     shared_blocks = batch.context_tokens // (P * bs) if share_context else torch.zeros(len(batch.item), dtype=torch.long)
@@ -279,6 +282,29 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
     if block_error is not None:
         weights["joint_error"] = (block_error * layout.block_mask(batch.total_tokens)).sum(-1)
     return weights, row_settings or settings
+
+
+def _joint_proposal(model, rows: TokenBatch, tokens: Tensor) -> DiagonalGaussian:
+    """The joint rows' proposal [R, L, d]: their posterior, except on the blocks covering a
+    joint that ends inside a prior block, where it is the prefix-only proposal of the joint's
+    ``tokens`` [R] (``draws.prefix_only_proposal``). The row's posterior has seen its padding
+    there, tokens the joint term integrates out (on a tractable model 2.1 nats, 11 SE, off
+    at K = 4096). For Cola the two are the same: its row is the joint framed as a whole text."""
+    with torch.no_grad():
+        q = model.posterior(rows)
+    block_tokens = model.patch_size * model.block_size
+    inside = torch.nonzero(tokens % block_tokens != 0)[:, 0]
+    if not len(inside):
+        return q
+    covering = covering_rows(model, rows.select(inside), tokens[inside])
+    alone = prefix_only_proposal(model, covering, tokens[inside])
+    width = alone.mean.shape[-2]
+    positions = -(-tokens[inside] // block_tokens) * model.block_size  # the covering blocks' latents
+    where = (torch.arange(width) < positions[:, None])[..., None].to(q.mean.device)
+    mean, logvar = q.mean.clone(), q.logvar.clone()
+    mean[inside, :width] = torch.where(where, alone.mean.to(mean.dtype), mean[inside, :width])
+    logvar[inside, :width] = torch.where(where, alone.logvar.to(logvar.dtype), logvar[inside, :width])
+    return DiagonalGaussian(mean, logvar)
 
 
 def _streams(q: DiagonalGaussian, keys: Tensor, indices, positions: Tensor, options) -> tuple[Tensor, Tensor | None]:

@@ -151,7 +151,7 @@ def test_a_context_ending_inside_a_block_draws_from_a_context_only_proposal():
     from test_conditional import _sharp_decoder_model
 
     model = _sharp_decoder_model()
-    # Every joint ends on a block boundary: its own proposal then has seen no later token.
+    # Every joint ends on a block boundary (the next test has joints that do not).
     batch = ContinuationBatch.from_tokens([[0], [2, 1], [1]], [[[1, 2, 1], [2, 0, 2], [0]], [[0, 1]], [[2], [1, 1, 0]]], multiple=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k-hat is the subject of the next test
@@ -162,6 +162,28 @@ def test_a_context_ending_inside_a_block_draws_from_a_context_only_proposal():
     got, se = ds.log_context.values[at], ds.log_context_se.values[at]
     assert (np.abs(got - exact_context) < 3 * se).all(), (got - exact_context, se)
     assert (ds.log_context.values[batch.item, batch.choice] == ds.log_context.values[batch.item, 0]).all()
+    conditional, conditional_se = ds.log_likelihood.values[at], ds.log_likelihood_se.values[at]
+    assert (np.abs(conditional - _exact(model, batch)) < 3 * conditional_se + 0.01).all(), (conditional - _exact(model, batch), conditional_se)
+
+
+def test_a_joint_ending_inside_a_block_draws_from_a_joint_only_proposal():
+    """Patch 2, block 1, a sharp decoder: joints of three tokens end inside a latent
+    position, whose padding the row's posterior has seen (token 0 here). Drawing that
+    position from the row's posterior left the joint term up to 2.1 nats (11 SE) off at
+    K = 4096; from the joint-only proposal every joint is within 3 SE of the exact one, and
+    so is the conditional. A joint ending on a boundary (the last) keeps its posterior."""
+    from test_conditional import _sharp_decoder_model
+
+    model = _sharp_decoder_model()
+    batch = ContinuationBatch.from_tokens([[0], [2, 1], [1]], [[[1, 2], [2, 0], [0, 1]], [[0]], [[2, 1], [1, 1], [2]]], multiple=2)
+    assert (batch.total_tokens % 2).tolist() == [1] * 6 + [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some k-hats are high: the sharp decoder
+        ds = score_continuations(model, batch, 4096, chunk_size=4096, **FIXED)
+    rows, at = batch.token_batch(), (batch.item, batch.choice)
+    exact_joint = model.exact_log_prob(rows, batch.total_tokens).numpy()
+    got, se = ds.log_joint.values[at], ds.log_joint_se.values[at]
+    assert (np.abs(got - exact_joint) < 3 * se).all(), (got - exact_joint, se)
     conditional, conditional_se = ds.log_likelihood.values[at], ds.log_likelihood_se.values[at]
     assert (np.abs(conditional - _exact(model, batch)) < 3 * conditional_se + 0.01).all(), (conditional - _exact(model, batch), conditional_se)
 
