@@ -47,7 +47,8 @@ def test_the_chain_and_each_window_carry_their_solver_error():
         present = ~np.isnan(true)
         # A window's score is log p(joint) - log p(context): the two solves' errors partly
         # cancel while their estimates add, so "within 10x" is of the two terms, not of the
-        # difference; on the difference the safety factor 3 puts it 12-13x above here.
+        # difference (checked term by term in test_solver_error.py); on the difference the
+        # safety factor 3 puts it 12-13x above here.
         assert (reported[present] >= true[present]).all() and (reported[present] <= 20 * true[present] + 1e-5).all(), (name, reported, true)
     np.testing.assert_allclose(coarse.log_likelihood_solver_error, coarse.window_log_likelihood_solver_error.sum("window"))
     assert "log_likelihood_solver_error" not in fine and coarse.attrs["solver_error_nfe"] > 0

@@ -71,3 +71,25 @@ def test_estimators_propagate_the_solver_error_to_the_log_likelihood():
         assert (reported >= true).all() and (reported <= 10 * true + 10 * FLOOR).all(), (reported, true)
         assert coarse.block_prior_solver_error.dims == ("sequence", "block") and coarse.attrs["solver_error_nfe"] > 0
         assert "log_likelihood_solver_error" not in reference
+
+
+def test_task_scores_report_each_terms_solver_error():
+    """``log p(y | c) = log p(c + y) - log p(c)``: each term's reported error against the same
+    draws solved finely bounds its true error within 10x; their sum bounds the difference's
+    (whose two errors may partly cancel, so no "within" there). Contexts ending on and
+    inside a latent position, an empty one; the shared and the per-choice paths."""
+    from colaprob.estimators.continuations import ContinuationBatch, score_continuations
+
+    model = _quadrature_model()
+    batch = ContinuationBatch.from_tokens([[0, 1], [2], []], [[[2], [1, 0]], [[1, 2, 0], [0]], [[1, 1]]], multiple=2)
+    at = (batch.item, batch.choice)
+    for share_context in (True, False):
+        coarse = score_continuations(model, batch, 32, method="rk4", steps=3, solver_error=True, share_context=share_context)
+        fine = score_continuations(model, batch, 32, method="rk4", steps=96, share_context=share_context)
+        for name in ("log_joint", "log_context"):
+            true = np.abs(coarse[name].values[at] - fine[name].values[at])
+            reported = coarse[f"{name}_solver_error"].values[at]
+            assert (reported >= true).all() and (reported <= 10 * true + 10 * FLOOR).all(), (name, share_context, reported, true)
+        assert coarse.log_context_solver_error.values[2, 0] == 0  # no context, no solve
+        true = np.abs(coarse.log_likelihood.values[at] - fine.log_likelihood.values[at])
+        assert (coarse.log_likelihood_solver_error.values[at] >= true).all()
