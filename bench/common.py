@@ -238,23 +238,23 @@ def heldout_texts(min_tokens: int, n: int, max_bytes: int = 127) -> list[str]:
     return [long_enough[i % len(long_enough)] for i in range(n)]
 
 
-def texts_of_length(model, tokens: int, n: int) -> list[str]:
-    """``n`` held-out texts cut so that each frames to ``tokens`` tokens (byte-level
-    tokenizer; the framing's bos/eos included)."""
+def texts_of_length(model, tokens: int, n: int, skip: int = 0) -> list[str]:
+    """``n`` held-out texts, after the first ``skip``, cut so that each frames to ``tokens``
+    tokens (byte-level tokenizer; the framing's bos/eos included)."""
     n_bytes = tokens - (model.framing.bos_id is not None) - (model.framing.eos_id is not None)
-    return [t.encode()[:n_bytes].decode(errors="ignore") for t in heldout_texts(n_bytes, n)]
+    return [t.encode()[:n_bytes].decode(errors="ignore") for t in heldout_texts(n_bytes, skip + n)[skip:]]
 
 
-def prior_latents(model, label: str, n_positions: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+def prior_latents(model, label: str, n_positions: int, batch: int = 1, seed: int = 0, skip: int = 0) -> torch.Tensor:
     """[batch, n_positions, d] latents on the prior's (DiT) space, float32: posterior means
-    of held-out text for a trained model (cut to ``n_positions``), N(0, I) draws for a random
-    one (its posterior means nothing)."""
+    of held-out text (after the first ``skip`` texts) for a trained model (cut to
+    ``n_positions``), N(0, I) draws for a random one (its posterior means nothing)."""
     from colaprob.protocol import to_prior_space
 
     if not trained(label):
         g = torch.Generator().manual_seed(seed)
         return torch.randn(batch, n_positions, model.latent_dim, generator=g)
-    texts = texts_of_length(model, n_positions * model.patch_size, batch)
+    texts = texts_of_length(model, n_positions * model.patch_size, batch, skip)
     with torch.no_grad():
         mean = model.posterior(model.frame(texts)).mean
     u = to_prior_space(model, mean)

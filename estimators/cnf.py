@@ -6,10 +6,11 @@ defines the density of its data end (Chen et al. 2018, Grathwohl et al. 2019):
     log p0(z0) = log N(z1; 0, I) + integral_0^1 div v(z_t, t) dt,
 
 where ``z_t`` solves ``dz/dt = v(z, t)`` from ``z0``. The state ``[z, log-det]`` is integrated
-from ``t = 0`` to ``t = 1``: adaptive (``rtol`` / ``atol``) by colaprob's own ``dopri5``, in which
-every independent element takes its own steps (``colaprob.estimators.stepping``), or by
-``torchdiffeq.odeint`` for its other adaptive methods (one step size for the batch) and the
-fixed grids (``euler``, ``midpoint``, ``rk4`` with ``steps`` steps).
+from ``t = 0`` to ``t = 1``: adaptive (``rtol`` / ``atol``) by colaprob's own Runge-Kutta pairs
+(torchdiffeq's adaptive methods: ``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``,
+``adaptive_heun``), in which every independent element takes its own steps
+(``colaprob.estimators.stepping``), or on a fixed grid by ``torchdiffeq.odeint`` (``euler``,
+``midpoint``, ``rk4``, ... with ``steps`` steps)
 
 The divergence is either
 
@@ -228,11 +229,10 @@ def block_causal_log_prob(
     only on ``z_t`` in block ``b`` and ``clean`` in blocks ``< b`` (the 2L layout). ``clean``
     is ``z0`` itself, the same object at every evaluation, so a model may cache its history.
 
-    Every block of every sample is its own ODE: with ``dopri5`` (the default) each takes its
-    own steps (``colaprob.estimators.stepping``), so a block's density does not depend on the
+    Every block of every sample is its own ODE: with an adaptive method each takes its own
+    steps (``colaprob.estimators.stepping``), so a block's density does not depend on the
     other blocks or samples in the batch beyond float rounding; all are evaluated together,
-    each at its own ``t``. The other adaptive methods (torchdiffeq's) and the fixed grids share
-    one ``t`` and one step size across the batch. Since the Jacobian across blocks is zero, a
+    each at its own ``t``. A fixed grid gives every block the same ``t``. Since the Jacobian across blocks is zero, a
     one-hot probe at (position ``j`` of a block, channel ``c``) repeated in every block yields
     every block's diagonal at once: ``block_size * d`` VJPs per evaluation; per-block sums give
     each block's divergence. Hutchinson probes need no colouring (the cross-block terms vanish).
@@ -451,34 +451,15 @@ def _solve(dynamics, state0, elements, solver: Solver, reverse: bool = False):
     ``elements = (norm, spread, done)`` describes the independent elements of the state:
     ``norm(ratio)`` is each element's error norm [*E] of scaled errors shaped like the state,
     ``spread(x)`` an element-shaped ``x`` broadcast to the state, ``done`` [*E] the elements
-    with nothing to integrate (or None). ``dopri5`` steps every element on its own
-    (``stepping.solve``; ``dynamics`` then gets ``t`` [*E]); torchdiffeq's methods share one
-    step across the batch (``t`` 0-dim), controlled by the largest element norm, so one hard
-    sample is not diluted by an easy batch."""
+    with nothing to integrate (or None). An adaptive method steps every element on its own
+    (``stepping.solve``; ``dynamics`` then gets ``t`` [*E]); a fixed grid is torchdiffeq's
+    (``t`` 0-dim)."""
     norm, spread, done = elements
-    if solver.method == "dopri5":
+    if not solver.fixed_grid:
         return _solve_per_element(dynamics, state0, solver, norm, spread, done, reverse)
     device = state0[0].device if isinstance(state0, tuple) else state0.device
-    if solver.fixed_grid:
-        grid = torch.linspace(0.0, 1.0, solver.steps + 1, dtype=torch.float64, device=device)
-    else:
-        grid = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)
-    if reverse:
-        grid = grid.flip(0)
-    options = {"norm": lambda ratio: norm(ratio).max()}
-    tolerances = {}
-    if not solver.fixed_grid:
-        # End a step exactly at the far end: otherwise torchdiffeq steps past it and returns
-        # its interpolant there, whose error the tolerance does not control (dopri8 at 1e-8
-        # was 1e-4 off on a linear flow).
-        options["step_t"] = grid[-1:]
-        tolerances = {"rtol": solver.rtol, "atol": solver.atol}
-    try:
-        solution = odeint(dynamics, state0, grid, method=solver.method, options=options, **tolerances)
-    except AssertionError as error:
-        if "underflow in dt" not in str(error):
-            raise
-        raise _underflow(solver.method, solver.rtol, solver.atol) from None
+    grid = torch.linspace(0.0, 1.0, solver.steps + 1, dtype=torch.float64, device=device)
+    solution = odeint(dynamics, state0, grid.flip(0) if reverse else grid, method=solver.method)
     return tuple(s[-1] for s in solution) if isinstance(solution, tuple) else solution[-1]
 
 
@@ -493,10 +474,12 @@ def _solve_per_element(dynamics, state0, solver: Solver, norm, spread, done, rev
         return tuple(-v for v in as_tuple(dynamics(1.0 - t, state[0] if single else state)))
 
     try:
-        y, _ = stepping.solve(f, as_tuple(state0), spread=lambda x: as_tuple(spread(x)), norm=lambda r: norm(r[0] if single else r), rtol=solver.rtol, atol=solver.atol, done=done)
+        y, _ = stepping.solve(
+            f, as_tuple(state0), spread=lambda x: as_tuple(spread(x)), norm=lambda r: norm(r[0] if single else r), rtol=solver.rtol, atol=solver.atol, done=done, method=solver.method
+        )
     except stepping.StepUnderflow as failure:
         if not failure.finite:
-            raise SolverFailure(f"the velocity was not finite at t = {failure.time:.4g}, so the dopri5 solver cannot go on; check the model's weights and its input latents.") from None
+            raise SolverFailure(f"the velocity was not finite at t = {failure.time:.4g}, so the {solver.method} solver cannot go on; check the model's weights and its input latents.") from None
         raise _underflow(solver.method, solver.rtol, solver.atol) from None
     return y[0] if single else y
 

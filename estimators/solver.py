@@ -6,12 +6,14 @@ options``) and every result records it through ``Solver.to_attrs()``. It is froz
 checked when made, so a setting that cannot run is refused where it is written, not nine
 calls later inside ``torchdiffeq.odeint``.
 
-The methods are torchdiffeq's, in two kinds:
+The methods are torchdiffeq's, by its names, in two kinds:
 
 * adaptive (``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``): the steps
-  are chosen so that the local error stays below ``atol + rtol * |state|``;
+  are chosen so that the local error stays below ``atol + rtol * |state|``, every
+  independent element (a prior block of a draw) its own (``colaprob.estimators.stepping``,
+  torchdiffeq's coefficients and step control);
 * fixed grid (``euler``, ``midpoint``, ``rk4``, ``heun2``, ``heun3``, and the Adams methods
-  on the grid): ``steps`` equal steps from ``t = 0`` to ``1``.
+  on the grid): ``steps`` equal steps from ``t = 0`` to ``1``, by ``torchdiffeq.odeint``.
 
 ``scipy_solver`` is refused: it integrates NumPy copies outside torch and cannot take the
 per-sample error norm.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from colaprob.cli import main
-from colaprob.estimators import cnf
+from colaprob.estimators import cnf, stepping
 from colaprob.estimators.solver import ADAPTIVE_METHODS, FIXED_GRID_METHODS, TOLERANCE_FLOOR
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official-tiny-a"
@@ -64,17 +64,18 @@ def test_every_registered_method_runs_with_the_settings_it_records():
         assert r.settings["steps"] == 16 and "rtol" not in r.settings
 
 
-def test_the_command_line_tolerance_reaches_odeint_unchanged(tmp_path, monkeypatch):
-    """--rtol / --atol travel as one Solver from the parser to torchdiffeq: the main solve
-    at the given tolerances, the error estimate's companion at a tenth of them."""
+def test_the_command_line_tolerance_reaches_the_stepper_unchanged(tmp_path, monkeypatch):
+    """--rtol / --atol / --method travel as one Solver from the parser to the per-element
+    stepper: the main solve at the given tolerances, the error estimate's companion at a
+    tenth of them."""
     seen = []
-    real = cnf.odeint
+    real = stepping.solve
 
-    def recording(dynamics, state, grid, **kw):
-        seen.append((kw.get("rtol"), kw.get("atol"), kw["method"]))
-        return real(dynamics, state, grid, **kw)
+    def recording(f, y0, **kw):
+        seen.append((kw["rtol"], kw["atol"], kw["method"]))
+        return real(f, y0, **kw)
 
-    monkeypatch.setattr(cnf, "odeint", recording)
+    monkeypatch.setattr(stepping, "solve", recording)
     text = tmp_path / "a.txt"
     text.write_text("A list.\n")
     options = ["-K", "1", "--model", str(FIXTURE), "--trace", "hutchinson", "--quiet"]

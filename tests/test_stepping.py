@@ -24,32 +24,69 @@ def _decay(rates: torch.Tensor):
     return f, norm, (lambda h: (h[:, None], h))
 
 
-def test_each_element_meets_its_closed_form_and_ignores_its_batch_mates():
+METHODS = sorted(stepping.TABLEAUS)
+# (tolerance, the largest error it left on the test's problem), per method: the 2nd-order
+# pairs need many steps for a tight tolerance, and fehlberg2's error is 100-600x its
+# tolerance (torchdiffeq's fehlberg2 leaves the same on these problems).
+DECAY = {"dopri5": (1e-9, 1e-9), "dopri8": (1e-9, 1e-9), "bosh3": (1e-8, 1e-7), "fehlberg2": (1e-9, 1e-6), "adaptive_heun": (1e-7, 1e-7)}
+MIXTURE = {"dopri5": (1e-7, 1e-5), "dopri8": (1e-7, 1e-5), "bosh3": (1e-7, 1e-5), "fehlberg2": (1e-7, 1e-4), "adaptive_heun": (1e-5, 1e-4)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_pair_has_its_order_and_its_error_estimate_the_next_lower(method):
+    """One step of ``dy/dt = cos(t) y`` (``y(h) = exp(sin h)``) from ``t = 0.3``: halving ``h``
+    divides the local error by ``2^(p+1)`` and the error estimate ``h sum e_i k_i`` by
+    ``2^p`` (the embedded solution has order ``p - 1``), which the coefficients give only if
+    each is right."""
+    tableau = stepping.TABLEAUS[method]
+    f = lambda t, state: (torch.cos(t) * state[0],)
+    t0 = torch.tensor([0.3], dtype=torch.float64)
+    y0 = (torch.exp(torch.sin(t0)),)
+    h0 = {"dopri8": 0.4, "dopri5": 0.4}.get(method, 0.1)
+    errors, estimates = [], []
+    for h in (h0, h0 / 2):
+        h = torch.tensor([h], dtype=torch.float64)
+        (y,), (estimate,), _ = tableau.step(f, t0, y0, h, f(t0, y0), lambda x: (x,))
+        errors.append(float((y - torch.exp(torch.sin(t0 + h))).abs()))
+        estimates.append(float(estimate.abs()))
+    assert abs(math.log2(errors[0] / errors[1]) - (tableau.order + 1)) < 0.5, errors
+    assert abs(math.log2(estimates[0] / estimates[1]) - tableau.order) < 0.5, estimates
+    assert sum(tableau.weights) == pytest.approx(1, abs=1e-14) and sum(tableau.error_weights) == pytest.approx(0, abs=1e-14)
+    assert all(sum(row) == pytest.approx(c, abs=1e-14) for row, c in zip(tableau.stages, tableau.nodes))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_element_meets_its_closed_form_and_ignores_its_batch_mates(method):
     rates = torch.tensor([0.1, 3.0, 20.0, 60.0], dtype=torch.float64)
     y0 = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64).expand(4, 3)
     f, norm, spread = _decay(rates)
-    (y, l), steps = stepping.solve(f, (y0, torch.zeros(4, dtype=torch.float64)), spread=spread, norm=norm, rtol=1e-9, atol=1e-9)
+    tolerance, accuracy = DECAY[method]
+    tol = dict(rtol=tolerance, atol=tolerance, method=method)
+    (y, l), steps = stepping.solve(f, (y0, torch.zeros(4, dtype=torch.float64)), spread=spread, norm=norm, **tol)
     exact = y0 * torch.exp(-rates)[:, None]
-    assert torch.allclose(y, exact, rtol=1e-7, atol=1e-9) and torch.allclose(l, y0[:, 0] - exact[:, 0], rtol=1e-7, atol=1e-9)
+    assert torch.allclose(y, exact, rtol=0, atol=accuracy) and torch.allclose(l, y0[:, 0] - exact[:, 0], rtol=0, atol=accuracy)
     assert steps[0] < steps[-1]  # a stiffer element takes more steps, alone
     for e in range(4):
         f_e, norm_e, spread_e = _decay(rates[e : e + 1])
-        (y_e, l_e), steps_e = stepping.solve(f_e, (y0[e : e + 1], torch.zeros(1, dtype=torch.float64)), spread=spread_e, norm=norm_e, rtol=1e-9, atol=1e-9)
+        (y_e, l_e), steps_e = stepping.solve(f_e, (y0[e : e + 1], torch.zeros(1, dtype=torch.float64)), spread=spread_e, norm=norm_e, **tol)
         assert torch.equal(y_e[0], y[e]) and torch.equal(l_e[0], l[e]) and steps_e[0] == steps[e]
 
 
-def test_every_element_ends_exactly_at_one():
-    """A 5th-order method integrates ``dy/dt = c t^4`` exactly on any steps, so ``y(1) = c / 5``
-    to rounding only if the last step ends at ``t = 1`` (not before, not past it)."""
+@pytest.mark.parametrize("method", METHODS)
+def test_every_element_ends_exactly_at_one(method):
+    """A method of order ``p`` integrates ``dy/dt = c t^(p-1)`` exactly on any steps, so
+    ``y(1) = c / p`` to rounding only if the last step ends at ``t = 1`` (not before, not
+    past it)."""
+    p = stepping.TABLEAUS[method].order
     c = torch.tensor([1.0, 50.0, 2000.0], dtype=torch.float64)
     seen = []
 
     def f(t, state):
         seen.append(t.clone())
-        return (c * t**4,)
+        return (c * t ** (p - 1),)
 
-    (y,), _ = stepping.solve(f, (torch.zeros(3, dtype=torch.float64),), spread=lambda h: (h,), norm=lambda r: r[0].abs(), rtol=1e-3, atol=1e-3)
-    assert torch.allclose(y, c / 5, rtol=1e-13, atol=0)
+    (y,), _ = stepping.solve(f, (torch.zeros(3, dtype=torch.float64),), spread=lambda h: (h,), norm=lambda r: r[0].abs(), rtol=1e-3, atol=1e-3, method=method)
+    assert torch.allclose(y, c / p, rtol=1e-13, atol=0)
     assert torch.equal(torch.stack(seen).amax(0), torch.ones(3, dtype=torch.float64))
 
 
@@ -73,7 +110,8 @@ def test_a_blow_up_is_a_step_underflow_and_a_solver_failure():
         cnf.block_causal_log_prob(blow_up_late, torch.ones((1, 2, 1), dtype=torch.float64), 2)
 
 
-def test_a_block_density_does_not_depend_on_its_batch_or_its_sequence():
+@pytest.mark.parametrize("method", METHODS)
+def test_a_block_density_does_not_depend_on_its_batch_or_its_sequence(method):
     """Per-block step control on the exact 2L velocity of a mixture prior: a sequence's
     blocks equal those of the same sequence solved alone, and of its first block alone, and
     they match the closed form."""
@@ -81,12 +119,14 @@ def test_a_block_density_does_not_depend_on_its_batch_or_its_sequence():
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     prior = BlockMixturePrior(r(3), r(3, 2, 2), 1.5 * r(3, 2, 2), r(3, 2, 2), 0.3 * r(3, 2, 2) - 0.3)
     u = 1.5 * r(5, 6, 2)  # 5 sequences of 6 positions (3 blocks)
-    together = cnf.block_causal_log_prob(prior.velocity, u, 2, rtol=1e-7, atol=1e-7)
-    alone = cnf.block_causal_log_prob(prior.velocity, u[2:3], 2, rtol=1e-7, atol=1e-7)
-    first = cnf.block_causal_log_prob(prior.velocity, u[2:3, :2], 2, rtol=1e-7, atol=1e-7)
+    tolerance, accuracy = MIXTURE[method]
+    tol = dict(method=method, rtol=tolerance, atol=tolerance)
+    together = cnf.block_causal_log_prob(prior.velocity, u, 2, **tol)
+    alone = cnf.block_causal_log_prob(prior.velocity, u[2:3], 2, **tol)
+    first = cnf.block_causal_log_prob(prior.velocity, u[2:3, :2], 2, **tol)
     assert torch.allclose(alone.block_logp[0], together.block_logp[2], rtol=0, atol=1e-12)
     assert torch.allclose(first.block_logp[0, 0], together.block_logp[2, 0], rtol=0, atol=1e-12)
-    assert torch.allclose(together.block_logp, prior.block_log_prob(u), rtol=0, atol=1e-5)
+    assert torch.allclose(together.block_logp, prior.block_log_prob(u), rtol=0, atol=accuracy)
 
 
 def test_a_document_does_not_depend_on_its_batch_on_the_embedded_model():
