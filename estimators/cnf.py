@@ -475,11 +475,20 @@ def _solve_per_element(dynamics, state0, solver: Solver, norm, spread, done, rev
 
     try:
         y, _ = stepping.solve(
-            f, as_tuple(state0), spread=lambda x: as_tuple(spread(x)), norm=lambda r: norm(r[0] if single else r), rtol=solver.rtol, atol=solver.atol, done=done, method=solver.method
+            f,
+            as_tuple(state0),
+            spread=lambda x: as_tuple(spread(x)),
+            norm=lambda r: norm(r[0] if single else r),
+            rtol=solver.rtol,
+            atol=solver.atol,
+            done=done,
+            method=solver.method,
         )
     except stepping.StepUnderflow as failure:
         if not failure.finite:
-            raise SolverFailure(f"the velocity was not finite at t = {failure.time:.4g}, so the {solver.method} solver cannot go on; check the model's weights and its input latents.") from None
+            raise SolverFailure(
+                f"the velocity was not finite at t = {failure.time:.4g}, so the {solver.method} solver cannot go on; check the model's weights and its input latents."
+            ) from None
         raise _underflow(solver.method, solver.rtol, solver.atol) from None
     return y[0] if single else y
 
