@@ -128,6 +128,8 @@ VARIABLES: dict[str, Meaning] = {
     "has_generate": Meaning("item has a generation", None, "the input line carries the model's generation"),
     "multiple_choice": Meaning("item has choices", None, "true for multiple-choice items, false for open ones"),
     "disagree": Meaning("likelihood and generation disagree", None, "correct differs from generation_correct"),
+    "within_solver_error": Meaning("choice within the solver error", None, "the chosen choice leads the runner-up by at most the sum of their log_likelihood_solver_error: a more accurate solve could change it"),
+    "generate_log_likelihood_solver_error": Meaning("solver error of the generation's score", NAT, "as log_likelihood_solver_error, for generate_log_likelihood"),
     "prefers_generation": Meaning("likelihood prefers the generation", None, "log p(generation | context) > log p(answer | context)"),
     "task": Meaning("task name", None, "the task of the item (its file name, or --task)"),
     "item_id": Meaning("item id", None, "the id field of the input line"),

@@ -278,6 +278,7 @@ SUMMARY = {
     "gen_acc": "generation_correct",
     "disagree": "disagree",
     "prefers_generation": "prefers_generation",
+    "within_solver_error": "within_solver_error",
 }
 
 
@@ -289,6 +290,8 @@ def summarise(ds: xr.Dataset) -> xr.Dataset:
     names = sorted(set(ds["task"].values.tolist()))
     out = {"items": ("task", np.array([(ds["task"].values == t).sum() for t in names]))}
     for key, variable in SUMMARY.items():
+        if variable not in ds:  # within_solver_error: only where the solver error was estimated
+            continue
         stats = [_mean_se(ds[variable].values[ds["task"].values == t].astype(float)) for t in names]
         for j, suffix in enumerate(("", "_se", "_items")):
             out[key + suffix] = ("task", np.array([s[j] for s in stats]))

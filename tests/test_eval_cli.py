@@ -9,6 +9,7 @@ import pytest
 
 import colaprob
 from colaprob import results, tasks
+from colaprob.commands import eval as eval_command
 from colaprob.estimators.continuations import continuation_log_prob
 
 from cli_support import FAST, assert_one_line_error, checkpoint_with_limit, run_cli
@@ -80,6 +81,40 @@ def test_a_rerun_reads_the_result_back_and_json_summarises(evaluated):
     assert summary["tasks"]["mmlu"]["items"] == 2 and summary["tasks"]["lambada"]["acc"] is None
     assert summary["tasks"]["siqa"]["gen_acc"] == 1.0
     assert np.array_equal(results.read_dataset(output).log_likelihood.values, ds.log_likelihood.values, equal_nan=True)
+
+
+def test_every_score_carries_its_solver_error_and_the_choices_it_could_change(evaluated):
+    """Each choice's (and generation's) log p has its estimated solver error; an item's
+    likelihood choice is flagged where its lead over the runner-up is within their summed
+    errors (on 2 Euler steps, every multiple-choice item of the fixture), and the table says
+    how many."""
+    outcome, ds, _, _ = evaluated
+    valid = ds.choice_valid.values.astype(bool)
+    error = ds.log_likelihood_solver_error.values
+    assert (error[valid] > 0).all() and np.isnan(error[~valid]).all() and (ds.generate_log_likelihood_solver_error.values[ds.has_generate.values] > 0).all()
+    ll = np.where(valid, ds.log_likelihood.values, -np.inf)
+    mc = ds.multiple_choice.values.astype(bool)
+    for i in np.nonzero(mc)[0]:
+        first, second = np.argsort(-ll[i], kind="stable")[:2]
+        assert ds.within_solver_error.values[i] == float(ll[i, first] - ll[i, second] <= error[i, first] + error[i, second])
+    assert np.isnan(ds.within_solver_error.values[~mc]).all() and (ds.within_solver_error.values[mc] == 1).all()
+    assert "choice within solver error" in outcome.out
+
+
+def test_the_choice_within_solver_error_rule():
+    ll = np.array([[-1.0, -2.0, -np.inf], [-1.0, -2.0, -3.0], [-5.0, -np.inf, -np.inf]])
+    error = np.array([[0.4, 0.5, np.nan], [0.6, 0.5, 9.0], [3.0, np.nan, np.nan]])
+    # A lead of 1 nat: 0.9 nats of error cannot change it, 1.1 can; a lone choice cannot change.
+    assert eval_command.choice_within_solver_error(ll, error).tolist() == [0.0, 1.0, 0.0]
+
+
+def test_without_the_solver_error_the_table_says_so(tmp_path):
+    (path,) = write_official(tmp_path, ["mmlu"])
+    outcome = run_cli("eval", path, "--model", FIXTURE, *FAST, "--no-solver-error", "-o", tmp_path / "out.nc")
+    assert outcome.code == 0, outcome.err
+    ds = results.read_dataset(tmp_path / "out.nc")
+    assert "log_likelihood_solver_error" not in ds and "within_solver_error" not in ds
+    assert "not estimated" in outcome.out.splitlines()[1]
 
 
 def test_bad_input_is_one_sentence(tmp_path):

@@ -13,7 +13,10 @@ From those:
 * ``gen_acc``: the official string match of ``generate`` (``colaprob.tasks.generation_correct``);
 * ``disagree``: the share of items where ``acc`` and ``gen_acc`` differ;
 * ``prefers_generation``: the share of items where ``log p(generate) > log p(answer)``
-  (items whose generation is the answer itself are left out).
+  (items whose generation is the answer itself are left out);
+* ``within_solver_error``: the share of multiple-choice items whose likelihood choice could
+  change within the solver error: the chosen choice leads the runner-up by no more than the
+  sum of their estimated solver errors (``--no-solver-error`` skips the estimate).
 
 Items run in batches of ``--batch-size``, each saved as it finishes (``colaprob.runner``), so
 an interrupted run resumes; the result is one NetCDF file with dims ``item`` and ``choice``.
@@ -47,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-K", "--samples", type=options.positive_int, default=16, help="posterior samples per item, shared by its choices (default: 16)")
     group.add_argument("--chunk-size", type=options.positive_int, default=32, help="samples solved together, to bound memory (default: 32)")
     group.add_argument("--batch-size", type=options.positive_int, default=4, help="items per batch and per saved shard (default: 4)")
+    group.add_argument(
+        "--no-solver-error",
+        action="store_true",
+        help="skip the second, finer ODE solve that estimates each log p's solver error in nats (it costs 1.3-3x the solve); "
+        "the table then says the error was not estimated",
+    )
     options.add_solver_options(parser)
     options.add_output_options(parser, "eval.nc")
 
@@ -55,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Settings:
     """What ``colaprob eval`` runs with, and its run key: the ``task`` name for a single file
     (None: the file name's stem), K posterior ``samples`` per item, ``chunk_size`` samples
-    solved together, ``batch_size`` items per batch and saved shard, the prior's ``solver``,
-    the ``seed``."""
+    solved together, ``batch_size`` items per batch and saved shard, the prior's ``solver``
+    (``solver_error``: estimate each log p's solver error), the ``seed``."""
 
     task: str | None = None
     samples: int = 16
@@ -67,7 +76,7 @@ class Settings:
 
     @classmethod
     def from_args(cls, args) -> "Settings":
-        return runs.settings_from_args(cls, args, solver=options.solver_from_args(args))
+        return runs.settings_from_args(cls, args, solver=options.solver_from_args(args, solver_error=not args.no_solver_error))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,7 +213,7 @@ def with_labels(ds: xr.Dataset, chosen) -> xr.Dataset:
     return finish(ds)
 
 
-CHOICE_VARIABLES = ("log_likelihood", "log_likelihood_se", "n_tokens", "n_bytes", "khat", "choice_valid")
+CHOICE_VARIABLES = ("log_likelihood", "log_likelihood_se", "log_likelihood_solver_error", "n_tokens", "n_bytes", "khat", "choice_valid")
 
 
 def batch_dataset(ds: xr.Dataset, chosen, n_choices: int) -> xr.Dataset:
@@ -214,7 +223,7 @@ def batch_dataset(ds: xr.Dataset, chosen, n_choices: int) -> xr.Dataset:
     out = {}
     has_generate = np.array([item.generate is not None for _, item in chosen])
     n_real = np.array([len(item.choices) for _, item in chosen])
-    for name in CHOICE_VARIABLES:
+    for name in (name for name in CHOICE_VARIABLES if name in ds):  # the solver error when estimated
         values = ds[name].values
         grid = np.full((n, n_choices), False if values.dtype == bool else (0 if values.dtype.kind == "i" else np.nan), dtype=values.dtype)
         gen = np.full(n, np.nan)
@@ -254,10 +263,28 @@ def finish(merged: xr.Dataset) -> xr.Dataset:
     ds["prefers_generation"] = ("item", np.where(compared, (ds["generate_log_likelihood"].values > gold_ll).astype(float), np.nan))
     both = mc & ~np.isnan(ds["generation_correct"].values)
     ds["disagree"] = ("item", np.where(both, (ds["correct"].values != ds["generation_correct"].values).astype(float), np.nan))
+    if "log_likelihood_solver_error" in ds:
+        ds["within_solver_error"] = ("item", np.where(mc, choice_within_solver_error(ll, ds["log_likelihood_solver_error"].values), np.nan))
     for name, doc in DESCRIPTIONS.items():
-        ds[name].attrs["description"] = doc
+        if name in ds:
+            ds[name].attrs["description"] = doc
     ds.attrs["diagnostic"] = "task_evaluation"
     return ds
+
+
+def choice_within_solver_error(log_likelihood: np.ndarray, solver_error: np.ndarray) -> np.ndarray:
+    """[items] float (1.0 / 0.0): the choice of highest ``log_likelihood`` [items, choices]
+    (-inf where a choice does not exist) leads the runner-up by at most the sum of their
+    ``solver_error``, so solving more accurately could change it. An item with one choice
+    cannot change."""
+    order = np.argsort(-log_likelihood, axis=1, kind="stable")[:, :2]
+    rows = np.arange(len(log_likelihood))
+    if log_likelihood.shape[1] < 2:
+        return np.zeros(len(log_likelihood))
+    first, second = order[:, 0], order[:, 1]
+    margin = log_likelihood[rows, first] - log_likelihood[rows, second]
+    reach = solver_error[rows, first] + np.nan_to_num(solver_error[rows, second])
+    return (np.isfinite(margin) & (margin <= reach)).astype(float)
 
 
 DESCRIPTIONS = {
@@ -268,6 +295,7 @@ DESCRIPTIONS = {
     "generation_correct": "the official string match of generate (colaprob.tasks.generation_correct)",
     "prefers_generation": "log p(generate) > log p(answer); NaN without a generation or when it is the answer",
     "disagree": "correct != generation_correct (multiple choice with a generation)",
+    "within_solver_error": "the chosen choice leads the runner-up by at most their summed solver errors (multiple choice only)",
 }
 
 
@@ -281,7 +309,9 @@ def report(ds: xr.Dataset, args) -> None:
         output.print_json({"tasks": table, "estimator": ds.attrs.get("estimator", ""), "output": str(args.output)})
         return
     cell = lambda e, key: "-" if not e[f"{key}_items"] else (output.plus_minus(e[key], e[f"{key}_se"]) if e[f"{key}_items"] > 1 else f"{e[key]:.4f}")
-    rows = [{"task": task, "items": e["items"], **{key: cell(e, key) for key in ("acc", "acc_norm", "gen_acc", "disagree", "prefers_generation")}} for task, e in table.items()]
-    columns = [("task", "task"), ("items", "items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"), ("disagree", "disagree"), ("prefers_generation", "log p prefers own generation")]
+    keys = ("acc", "acc_norm", "gen_acc", "disagree", "prefers_generation", "within_solver_error")
+    rows = [{"task": task, "items": e["items"], **{key: cell(e, key) if f"{key}_items" in e else "not estimated" for key in keys}} for task, e in table.items()]
+    columns = [("task", "task"), ("items", "items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"), ("disagree", "disagree"),
+               ("prefers_generation", "log p prefers own generation"), ("within_solver_error", "choice within solver error")]
     output.print_table(rows, columns)
     print(f"K={ds.attrs.get('K')} posterior samples per item; ± is the standard error over items; results: {args.output}")
