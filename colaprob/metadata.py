@@ -102,7 +102,7 @@ VARIABLES: dict[str, Meaning] = {
     "solver_setting": Meaning("solver settings used", None, "the ODE method and tolerances or steps the row was finally solved with (tighter than asked where --target-error needed it)"),
     "samples_solved_together": Meaning("posterior samples solved together", ONE, "samples of the row solved in one ODE solve, as the memory plan (and any retry after a failed allocation) chose; bounds memory, not the numbers"),
     "vjps_per_pass": Meaning("vector-Jacobian products per backward pass", ONE, "divergence products batched in one backward pass, as the memory plan chose; bounds memory, not the numbers"),
-    "solver_error_target_met": Meaning("solver-error target met", None, "true where log_likelihood_solver_error is below --target-error"),
+    "solver_error_target_met": Meaning("solver-error target met", None, "true where log_likelihood_solver_error (eval: every choice's and the generation's) is below --target-error"),
     # --- rolling log-likelihood (score --rolling): a document as a chain of windows
     "window_log_likelihood": Meaning("log-likelihood of a window given the one before", NAT, "log p(w_j | w_(j-1)) (log p(w_1) for the first), a continuation score on common random numbers; consistent, not a bound"),
     "window_n_tokens": Meaning("tokens of the window", ONE, "tokens of the window counted in its score"),

@@ -117,6 +117,21 @@ def test_without_the_solver_error_the_table_says_so(tmp_path):
     assert "not estimated" in outcome.out.splitlines()[1]
 
 
+def test_target_error_tightens_until_every_item_meets_it(tmp_path):
+    (path,) = write_official(tmp_path, ["mmlu"])
+    coarse = run_cli("eval", path, "--model", FIXTURE, *FAST, "-o", tmp_path / "coarse.nc")
+    assert coarse.code == 0, coarse.err
+    largest = eval_command.largest_solver_error(results.read_dataset(tmp_path / "coarse.nc").rename({"item": "sequence"}))
+    target = float(largest.min()) / 3
+    outcome = run_cli("eval", path, "--model", FIXTURE, *FAST, "--target-error", repr(target), "-o", tmp_path / "fine.nc")
+    assert outcome.code == 0, outcome.err
+    ds = results.read_dataset(tmp_path / "fine.nc")
+    assert (eval_command.largest_solver_error(ds.rename({"item": "sequence"})) <= target).all() and ds.solver_error_target_met.all()
+    assert all(setting.startswith("euler steps ") and int(setting.split()[-1]) > 2 for setting in ds.solver_setting.values)
+    refused = run_cli("eval", path, "--model", FIXTURE, *FAST, "--target-error", "0.1", "--no-solver-error", "-o", tmp_path / "x.nc")
+    assert_one_line_error(refused, "--target-error needs the solver-error estimate")
+
+
 def test_bad_input_is_one_sentence(tmp_path):
     (path,) = write_official(tmp_path, ["mmlu"])
     assert_one_line_error(run_cli("eval", tmp_path / "none.jsonl", "--model", FIXTURE, *FAST), "does not exist")

@@ -50,12 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-K", "--samples", type=options.positive_int, default=16, help="posterior samples per item, shared by its choices (default: 16)")
     group.add_argument("--chunk-size", type=options.positive_int, default=32, help="samples solved together, to bound memory (default: 32)")
     group.add_argument("--batch-size", type=options.positive_int, default=4, help="items per batch and per saved shard (default: 4)")
-    group.add_argument(
-        "--no-solver-error",
-        action="store_true",
-        help="skip the second, finer ODE solve that estimates each log p's solver error in nats (it costs 1.3-3x the solve); "
-        "the table then says the error was not estimated",
-    )
+    options.add_solver_error_options(group, "item")
     options.add_solver_options(parser)
     options.add_output_options(parser, "eval.nc")
 
@@ -65,13 +60,15 @@ class Settings:
     """What ``colaprob eval`` runs with, and its run key: the ``task`` name for a single file
     (None: the file name's stem), K posterior ``samples`` per item, ``chunk_size`` samples
     solved together, ``batch_size`` items per batch and saved shard, the prior's ``solver``
-    (``solver_error``: estimate each log p's solver error), the ``seed``."""
+    (``solver_error``: estimate each log p's solver error), ``target_error``: tighten the
+    solver until every item's largest estimated error is below it (nats), the ``seed``."""
 
     task: str | None = None
     samples: int = 16
     chunk_size: int = 32
     batch_size: int = 4
     solver: Solver = options.DEFAULT_SOLVER
+    target_error: float | None = None
     seed: int = 0
 
     @classmethod
@@ -90,6 +87,7 @@ def execute(settings: Settings, target: runs.Target, ctx, desc: str = "items"):
 
 def prepare(settings: Settings, target: runs.Target, ctx) -> "Job":
     """Read and check everything, so a mistake stops the run before any file is written."""
+    options.check_target_error(settings.target_error, settings.solver)
     if settings.task is not None and len(target.inputs) > 1:
         raise ColaprobError(f"--task names one file's task, but {len(target.inputs)} files were given; run them separately or drop --task.")
     runs.check_output_is_not_an_input(target.output, target.inputs)
@@ -173,19 +171,35 @@ class Job:
         self.plan = runner.Plan(record, n_items=len(items), batch_size=settings.batch_size)
 
     def score_batch(self, positions: range) -> xr.Dataset:
+        """The batch's scores; with ``target_error``, re-solved with tighter settings until
+        every item's largest solver error (over its choices and generation) is below it."""
         s = self.settings
-        solver = s.solver.replace(vjp_chunk=self.planned.vjp_chunk)
 
-        def part(rows: range, chunk: int) -> xr.Dataset:
-            chosen = [self.items[i] for i in rows]
-            return score_items(self.model, chosen, s.samples, rows, self.n_choices, seed=s.seed, chunk_size=chunk, solver=solver)
+        def estimate(solver: Solver) -> xr.Dataset:
+            solver = solver.replace(vjp_chunk=self.planned.vjp_chunk)
 
-        return runs.in_calls(positions, self.items_per_call, self.chunk, part)
+            def part(rows: range, chunk: int) -> xr.Dataset:
+                chosen = [self.items[i] for i in rows]
+                return score_items(self.model, chosen, s.samples, rows, self.n_choices, seed=s.seed, chunk_size=chunk, solver=solver)
+
+            return runs.in_calls(positions, self.items_per_call, self.chunk, part)
+
+        ds, _ = runs.solve_to_target(estimate, s.solver, s.target_error, largest_solver_error)
+        return ds
 
     def finish(self, merged: xr.Dataset) -> xr.Dataset:
         """``finish`` with what each item is: its task and its id in the file. (Added to the
         merged result, not to the shards: text of varying width is stored whole only once.)"""
         return with_labels(merged, [self.items[i] for i in merged["sequence"].values])
+
+
+def largest_solver_error(ds: xr.Dataset) -> np.ndarray | None:
+    """[sequence] each item's largest estimated solver error over its choices and its
+    generation (nats), or None when the batch has no estimate."""
+    if "log_likelihood_solver_error" not in ds:
+        return None
+    per_choice = np.nanmax(np.where(ds["choice_valid"].values, ds["log_likelihood_solver_error"].values, -np.inf), axis=1)
+    return np.fmax(per_choice, ds["generate_log_likelihood_solver_error"].values)
 
 
 def score_items(model, chosen, n_samples: int, item_ids, n_choices: int, **estimator_options) -> xr.Dataset:

@@ -155,6 +155,31 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
 OPTION_KINDS = {"tolerance": tolerance, "positive": positive_int}
 
 
+def add_solver_error_options(group, unit: str) -> None:
+    """``--no-solver-error`` and ``--target-error NATS``, of the number of each ``unit``
+    (document, item)."""
+    group.add_argument(
+        "--no-solver-error",
+        action="store_true",
+        help="skip the second, finer ODE solve that estimates each number's solver error in nats (it costs 1.3-3x "
+        "the solve); the table then says the error was not estimated",
+    )
+    group.add_argument(
+        "--target-error",
+        type=tolerance,
+        default=None,
+        metavar="NATS",
+        help=f"tighten the solver (tolerances / 10, or twice the steps) batch by batch until every {unit}'s estimated solver "
+        f"error is below NATS; the settings reached are recorded per {unit} (default: the given settings)",
+    )
+
+
+def check_target_error(target_error: float | None, solver: Solver) -> None:
+    """``--target-error`` needs the estimate that ``--no-solver-error`` turns off."""
+    if target_error is not None and not solver.solver_error:
+        raise ColaprobError("--target-error needs the solver-error estimate, which --no-solver-error does not make; drop one of them.")
+
+
 def add_solver_options(parser: argparse.ArgumentParser, defaults: Solver = DEFAULT_SOLVER) -> None:
     """``--method --rtol --atol --steps --trace --probes --probe --vjp-chunk``; ``defaults``:
     this command's defaults (its trace, method and tolerances)."""

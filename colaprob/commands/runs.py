@@ -109,6 +109,25 @@ def in_calls(items: range, step: int, chunk, solve: Callable):
     return parts[0] if len(parts) == 1 else runner.concat_sequences(parts)
 
 
+def solve_to_target(estimate: Callable, solver: Solver, target: float | None, error_of: Callable):
+    """``estimate(solver)``, re-run with ``solver.tighter()`` (tolerances / 10, or twice the
+    steps) while some row's estimated solver error (``error_of(ds)`` [rows] nats, None when the
+    estimate has none) is above ``target``, until none is or the solver cannot be tightened:
+    ``(ds, solver)``, the last estimate and the settings it was solved with. The dataset gains
+    ``solver_setting`` (those settings) and, with a target, ``solver_error_target_met``
+    [rows], both over ``sequence``."""
+    while True:
+        ds = estimate(solver)
+        error = error_of(ds)
+        if error is None or target is None or not (error > target).any() or solver.tighter() is None:
+            break
+        solver = solver.tighter()
+    ds["solver_setting"] = ("sequence", np.full(ds.sizes["sequence"], solver.label))
+    if target is not None and error is not None:
+        ds["solver_error_target_met"] = ("sequence", ~(error > target))
+    return ds, solver
+
+
 def run_record(settings) -> dict:
     """Every field of a command's ``settings`` dataclass, a ``Solver``'s fields inline (by
     their own names), as the run key's entries."""

@@ -83,20 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="pairs: skip the direct estimate log p(response | prompt latents) that conditional adds (halves the cost)",
     )
-    group.add_argument(
-        "--no-solver-error",
-        action="store_true",
-        help="skip the second, finer ODE solve that estimates each number's solver error in nats (it costs 1.3-3x "
-        "the solve); the table then says the error was not estimated",
-    )
-    group.add_argument(
-        "--target-error",
-        type=options.tolerance,
-        default=None,
-        metavar="NATS",
-        help="tighten the solver (tolerances / 10, or twice the steps) until every document's estimated solver error "
-        "is below NATS; the settings reached are recorded per document (default: the given settings)",
-    )
+    options.add_solver_error_options(group, "document")
     options.add_solver_options(parser, SOLVER)
     options.add_output_options(parser, "scores.nc")
 
@@ -179,8 +166,7 @@ def choose_estimator(settings: Settings, documents) -> str:
 def check_options(settings: Settings) -> None:
     """Options that need a particular estimator: --max-samples (iwae), --target-error (an
     estimated solver error)."""
-    if settings.target_error is not None and not settings.solver.solver_error:
-        raise ColaprobError("--target-error needs the solver-error estimate, which --no-solver-error does not make; drop one of them.")
+    options.check_target_error(settings.target_error, settings.solver)
     if settings.max_samples is None:
         return
     if settings.estimator_name != "iwae":
@@ -214,18 +200,8 @@ class Job:
     def score_batch(self, items: range) -> xr.Dataset:
         """The batch's estimate; with ``target_error``, re-solved with tighter settings
         until every row's solver error is below the target (or the tolerance floor is hit)."""
-        solver, target = self.settings.solver, self.settings.target_error
-        while True:
-            ds = self.estimate(items, solver)
-            if "log_likelihood_solver_error" not in ds:
-                break
-            error = ds["log_likelihood_solver_error"].values
-            if target is None or not (error > target).any() or solver.tighter() is None:
-                break
-            solver = solver.tighter()
-        ds["solver_setting"] = ("sequence", np.full(ds.sizes["sequence"], solver.label))
-        if target is not None:
-            ds["solver_error_target_met"] = ("sequence", ~(ds["log_likelihood_solver_error"].values > target))
+        error_of = lambda ds: ds["log_likelihood_solver_error"].values if "log_likelihood_solver_error" in ds else None
+        ds, _ = runs.solve_to_target(lambda solver: self.estimate(items, solver), self.settings.solver, self.settings.target_error, error_of)
         return ds
 
     def finish(self, merged: xr.Dataset) -> xr.Dataset:
