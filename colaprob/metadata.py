@@ -128,6 +128,8 @@ VARIABLES: dict[str, Meaning] = {
     "has_generate": Meaning("item has a generation", None, "the input line carries the model's generation"),
     "multiple_choice": Meaning("item has choices", None, "true for multiple-choice items, false for open ones"),
     "disagree": Meaning("likelihood and generation disagree", None, "correct differs from generation_correct"),
+    "choice_margin": Meaning("lead of the likelihood choice", NAT, "log_likelihood of the chosen choice minus the runner-up's (its _se: paired Monte Carlo SE, the choices share their draws)"),
+    "within_monte_carlo_error": Meaning("choice within the Monte Carlo error", None, "the chosen choice leads the runner-up by at most 2 choice_margin_se: more samples could change it"),
     "within_solver_error": Meaning("choice within the solver error", None, "the chosen choice leads the runner-up by at most the sum of their log_likelihood_solver_error: a more accurate solve could change it"),
     "generate_log_likelihood_solver_error": Meaning("solver error of the generation's score", NAT, "as log_likelihood_solver_error, for generate_log_likelihood"),
     "prefers_generation": Meaning("likelihood prefers the generation", None, "log p(generation | context) > log p(answer | context)"),

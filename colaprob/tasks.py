@@ -278,13 +278,15 @@ SUMMARY = {
     "gen_acc": "generation_correct",
     "disagree": "disagree",
     "prefers_generation": "prefers_generation",
+    "within_monte_carlo_error": "within_monte_carlo_error",
     "within_solver_error": "within_solver_error",
 }
 
 
 def summarise(ds: xr.Dataset) -> xr.Dataset:
     """Per task, from a ``colaprob eval`` result: ``items`` and, for each of ``acc``,
-    ``acc_norm``, ``gen_acc``, ``disagree``, ``prefers_generation``, the mean over the items
+    ``acc_norm``, ``gen_acc``, ``disagree``, ``prefers_generation``,
+    ``within_monte_carlo_error`` and (where estimated) ``within_solver_error``, the mean over the items
     where it is defined, its standard error over items (``sd / sqrt(n)``, NaN for fewer than
     two) and ``n`` (``<name>_items``). Dims: ``task``."""
     names = sorted(set(ds["task"].values.tolist()))

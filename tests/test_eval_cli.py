@@ -98,7 +98,10 @@ def test_every_score_carries_its_solver_error_and_the_choices_it_could_change(ev
         first, second = np.argsort(-ll[i], kind="stable")[:2]
         assert ds.within_solver_error.values[i] == float(ll[i, first] - ll[i, second] <= error[i, first] + error[i, second])
     assert np.isnan(ds.within_solver_error.values[~mc]).all() and (ds.within_solver_error.values[mc] == 1).all()
-    assert "choice within solver error" in outcome.out
+    assert "choice within solver error" in outcome.out and "choice within 2 SE" in outcome.out
+    # And within the Monte Carlo error: a lead of at most two of its (paired) standard errors.
+    assert (ds.within_monte_carlo_error.values[mc] == (ds.choice_margin.values[mc] <= 2 * ds.choice_margin_se.values[mc])).all()
+    assert np.isnan(ds.within_monte_carlo_error.values[~mc]).all() and (ds.choice_margin.values[mc] >= 0).all()
 
 
 def test_the_choice_within_solver_error_rule():
@@ -106,6 +109,30 @@ def test_the_choice_within_solver_error_rule():
     error = np.array([[0.4, 0.5, np.nan], [0.6, 0.5, 9.0], [3.0, np.nan, np.nan]])
     # A lead of 1 nat: 0.9 nats of error cannot change it, 1.1 can; a lone choice cannot change.
     assert eval_command.choice_within_solver_error(ll, error).tolist() == [0.0, 1.0, 0.0]
+
+
+def test_the_lead_of_the_likelihood_choice_has_a_paired_standard_error():
+    """The lead of the first choice over the runner-up is a difference of two IWAE estimates
+    on the same draws: its SE is ``sd(w_a / mean w_a - w_b / mean w_b) / sqrt(K)``, 0 when the
+    two choices' weights differ by a constant, although each alone has a large SE. The
+    generation (the column after an item's choices) is never a choice."""
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    K = 64
+    base = rng.normal(0.0, 1.0, K)
+    noise = rng.normal(0.0, 0.3, K)
+    weights = np.stack([base - 2.0, base + 0.8 + noise, base + 0.5, base + 9.0])[None]  # choices 0-2, the generation
+    log_mean_exp = lambda w: np.log(np.exp(w).mean())
+    ll = np.array([[log_mean_exp(w) for w in weights[0]]])
+    ds = xr.Dataset({"log_weight": (("item", "choice", "sample"), weights), "log_likelihood": (("item", "choice"), ll)})
+    first, second, _ = eval_command.top_two(ll[:, :3])
+    assert (first[0], second[0]) == (1, 2)  # the generation, highest of all, is left out
+    wa, wb = np.exp(weights[0, 1]), np.exp(weights[0, 2])
+    expected = np.std(wa / wa.mean() - wb / wb.mean(), ddof=1) / np.sqrt(K)
+    assert np.isclose(eval_command.margin_se(ds, np.array([3]))[0], expected, rtol=1e-6)
+    assert eval_command.margin_se(ds.isel(choice=[0, 2, 3]), np.array([2]))[0] < 1e-12  # a constant difference
+    assert np.isnan(eval_command.margin_se(ds.isel(choice=[0, 3]), np.array([1]))[0])  # one choice: no lead
 
 
 def test_without_the_solver_error_the_table_says_so(tmp_path):

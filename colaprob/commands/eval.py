@@ -14,9 +14,11 @@ From those:
 * ``disagree``: the share of items where ``acc`` and ``gen_acc`` differ;
 * ``prefers_generation``: the share of items where ``log p(generate) > log p(answer)``
   (items whose generation is the answer itself are left out);
-* ``within_solver_error``: the share of multiple-choice items whose likelihood choice could
-  change within the solver error: the chosen choice leads the runner-up by no more than the
-  sum of their estimated solver errors (``--no-solver-error`` skips the estimate).
+* ``within_monte_carlo_error``: the share of multiple-choice items whose likelihood choice
+  leads the runner-up by at most 2 Monte Carlo standard errors of that lead (paired: the
+  choices share their draws), so that more samples could change it;
+* ``within_solver_error``: the same within the solver error: the lead is no more than the sum
+  of the two choices' estimated solver errors (``--no-solver-error`` skips the estimate).
 
 Items run in batches of ``--batch-size``, each saved as it finishes (``colaprob.runner``), so
 an interrupted run resumes; the result is one NetCDF file with dims ``item`` and ``choice``.
@@ -248,6 +250,7 @@ def batch_dataset(ds: xr.Dataset, chosen, n_choices: int) -> xr.Dataset:
         out[name] = (("sequence", "choice"), grid)
         if name != "choice_valid":
             out[f"generate_{name}"] = ("sequence", gen)
+    out["choice_margin_se"] = ("sequence", margin_se(ds, n_real))
     out["gold"] = ("sequence", np.array([item.gold for _, item in chosen]))
     out["multiple_choice"] = ("sequence", np.array([item.choice_texts is not None for _, item in chosen]))
     out["has_generate"] = ("sequence", has_generate)
@@ -277,6 +280,10 @@ def finish(merged: xr.Dataset) -> xr.Dataset:
     ds["prefers_generation"] = ("item", np.where(compared, (ds["generate_log_likelihood"].values > gold_ll).astype(float), np.nan))
     both = mc & ~np.isnan(ds["generation_correct"].values)
     ds["disagree"] = ("item", np.where(both, (ds["correct"].values != ds["generation_correct"].values).astype(float), np.nan))
+    margin = top_two(ll)[2]
+    ds["choice_margin"] = ("item", np.where(mc & np.isfinite(margin), margin, np.nan))
+    # Two standard errors: a lead this small could be reversed by Monte Carlo noise alone.
+    ds["within_monte_carlo_error"] = ("item", np.where(mc, (np.isfinite(margin) & (margin <= 2 * ds["choice_margin_se"].values)).astype(float), np.nan))
     if "log_likelihood_solver_error" in ds:
         ds["within_solver_error"] = ("item", np.where(mc, choice_within_solver_error(ll, ds["log_likelihood_solver_error"].values), np.nan))
     for name, doc in DESCRIPTIONS.items():
@@ -286,18 +293,43 @@ def finish(merged: xr.Dataset) -> xr.Dataset:
     return ds
 
 
+def top_two(log_likelihood: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(first, second, margin)`` [items]: the choice of highest ``log_likelihood`` [items,
+    choices] (-inf where a choice does not exist; the first of equals, as ``argmax``), the
+    runner-up, and the lead of the first over it in nats (inf for an item with one choice)."""
+    padded = np.pad(log_likelihood, ((0, 0), (0, 1)), constant_values=-np.inf)
+    order = np.argsort(-padded, axis=1, kind="stable")
+    first, second = order[:, 0], order[:, 1]
+    rows = np.arange(len(padded))
+    return first, second, padded[rows, first] - padded[rows, second]
+
+
+def margin_se(ds: xr.Dataset, n_real: np.ndarray) -> np.ndarray:
+    """[items] the Monte Carlo SE of the lead of each item's first choice over its runner-up
+    (``top_two``; NaN with one choice). Both are ``log p(joint) - log p(context)`` with one
+    context term per item, so the lead is the difference of the joints, on the same draws:
+    ``statistics.paired_log_mean_exp_se`` of their log-weights."""
+    from colaprob.estimators import statistics
+
+    C = ds.sizes["choice"]
+    valid = np.arange(C)[None, :] < n_real[:, None]
+    first, second, margin = top_two(np.where(valid, ds["log_likelihood"].values, -np.inf))
+    rows, alone = np.arange(len(first)), ~np.isfinite(margin)
+    weights = ds["log_weight"].values
+    pick = lambda choice: xr.DataArray(weights[rows, np.minimum(choice, C - 1)], dims=("item", "sample"))
+    se = statistics.paired_log_mean_exp_se(pick(first), pick(second)).values
+    return np.where(alone, np.nan, se)
+
+
 def choice_within_solver_error(log_likelihood: np.ndarray, solver_error: np.ndarray) -> np.ndarray:
     """[items] float (1.0 / 0.0): the choice of highest ``log_likelihood`` [items, choices]
     (-inf where a choice does not exist) leads the runner-up by at most the sum of their
     ``solver_error``, so solving more accurately could change it. An item with one choice
     cannot change."""
-    order = np.argsort(-log_likelihood, axis=1, kind="stable")[:, :2]
-    rows = np.arange(len(log_likelihood))
-    if log_likelihood.shape[1] < 2:
-        return np.zeros(len(log_likelihood))
-    first, second = order[:, 0], order[:, 1]
-    margin = log_likelihood[rows, first] - log_likelihood[rows, second]
-    reach = solver_error[rows, first] + np.nan_to_num(solver_error[rows, second])
+    first, second, margin = top_two(log_likelihood)
+    rows = np.arange(len(first))
+    padded = np.pad(solver_error, ((0, 0), (0, 1)))
+    reach = padded[rows, first] + np.nan_to_num(padded[rows, second])
     return (np.isfinite(margin) & (margin <= reach)).astype(float)
 
 
@@ -310,6 +342,8 @@ DESCRIPTIONS = {
     "prefers_generation": "log p(generate) > log p(answer); NaN without a generation or when it is the answer",
     "disagree": "correct != generation_correct (multiple choice with a generation)",
     "within_solver_error": "the chosen choice leads the runner-up by at most their summed solver errors (multiple choice only)",
+    "within_monte_carlo_error": "the chosen choice leads the runner-up by at most 2 Monte Carlo SE of the lead (multiple choice only)",
+    "choice_margin": "log p of the chosen choice minus the runner-up's, nats (multiple choice only)",
 }
 
 
@@ -323,9 +357,9 @@ def report(ds: xr.Dataset, args) -> None:
         output.print_json({"tasks": table, "estimator": ds.attrs.get("estimator", ""), "output": str(args.output)})
         return
     cell = lambda e, key: "-" if not e[f"{key}_items"] else (output.plus_minus(e[key], e[f"{key}_se"]) if e[f"{key}_items"] > 1 else f"{e[key]:.4f}")
-    keys = ("acc", "acc_norm", "gen_acc", "disagree", "prefers_generation", "within_solver_error")
+    keys = ("acc", "acc_norm", "gen_acc", "disagree", "prefers_generation", "within_monte_carlo_error", "within_solver_error")
     rows = [{"task": task, "items": e["items"], **{key: cell(e, key) if f"{key}_items" in e else "not estimated" for key in keys}} for task, e in table.items()]
     columns = [("task", "task"), ("items", "items"), ("acc", "acc (likelihood)"), ("acc_norm", "acc_norm"), ("gen_acc", "acc (generation)"), ("disagree", "disagree"),
-               ("prefers_generation", "log p prefers own generation"), ("within_solver_error", "choice within solver error")]
+               ("prefers_generation", "log p prefers own generation"), ("within_monte_carlo_error", "choice within 2 SE"), ("within_solver_error", "choice within solver error")]
     output.print_table(rows, columns)
     print(f"K={ds.attrs.get('K')} posterior samples per item; ± is the standard error over items; results: {args.output}")
