@@ -47,7 +47,7 @@ from colaprob.estimators import _checks, stepping
 from colaprob.estimators.layout import sum_per_block
 from colaprob.estimators.solver import ADAPTIVE_METHODS, FIXED_GRID_METHODS, SAFETY, Solver
 
-__all__ = ["ADAPTIVE_METHODS", "FIXED_GRID_METHODS", "SAMPLER", "BlockLogProb", "LogProb", "Solver", "SolverFailure", "block_causal_log_prob", "log_prob", "sample"]
+__all__ = ["ADAPTIVE_METHODS", "FIXED_GRID_METHODS", "SAMPLER", "BlockLogProb", "LogProb", "Solver", "SolverFailure", "block_causal_log_prob", "block_causal_solver_error", "log_prob", "sample"]
 
 _LOG_2PI = math.log(2 * math.pi)
 # Units of float rounding per nat of the density that a velocity in float32 leaves in it.
@@ -123,12 +123,14 @@ class BlockLogProb(LogProb):
 
     ``block_logp``: [..., n_blocks] ``log p(z^(b) | z^(<b))`` of the integrated positions of
     each block (0 where ``integrated`` is False: blocks wholly inside the clean prefix or at or
-    beyond the sequence length); ``logp``: their sum; ``probe_block_logp``: [n_probes, ...,
+    beyond the sequence length); ``logp``: their sum; ``block_prior_logp``: [..., n_blocks]
+    each block's ``log N(z1; 0, I)`` term; ``probe_block_logp``: [n_probes, ...,
     n_blocks] for Hutchinson; ``block_logp_error``: [..., n_blocks] each block's estimated
     solver error with ``solver_error`` (``logp_error`` is that of their sum).
     """
 
     block_logp: Tensor
+    block_prior_logp: Tensor
     integrated: Tensor
     probe_block_logp: Tensor | None = None
     block_logp_error: Tensor | None = None
@@ -246,71 +248,135 @@ def block_causal_log_prob(
     block's estimated solver error in nats (``solver_error_bound``).
     """
     solver = Solver.build(solver, trace=trace, **solver_keywords)
-    _checks.floating_tensor("z0", z0, min_dims=2)
-    block_size = _checks.integer("block_size", block_size, minimum=1)
-    _check_probes(probes, z0)
-    _checks.integer("seed", seed, minimum=0)
-    *batch_shape, L, d = z0.shape
-    position = torch.arange(L, device=z0.device)
-    prefix = _checks.integer_tensor("prefix_len", 0 if prefix_len is None else prefix_len, batch_shape, minimum=0, maximum=L).to(z0.device)
-    length = _checks.integer_tensor("lengths", L if lengths is None else lengths, batch_shape, minimum=0, maximum=2**62).to(z0.device)
-    if ((length % block_size != 0) & (length < L)).any():
-        raise ValueError("lengths must end on a block boundary (or reach the end of z0)")
-    noisy = (position >= prefix[..., None]) & (position < length[..., None])  # [..., L]
-    noisy_blocks = sum_per_block(noisy.to(z0.dtype), block_size) > 0  # [..., n_blocks]
-    # Position j of every block, channel c: one colour (cross-block derivatives are zero).
-    colours = (position % block_size)[:, None] * d + torch.arange(d, device=z0.device)
-    trace_terms = _trace_terms(solver, colours, z0, probes, seed)
-    mask = noisy[..., None]
-    positions = _block_to_positions(block_size, L)
-
-    def field(z: Tensor, t: Tensor) -> Tensor:  # t: 0-dim (shared) or [..., n_blocks]
-        u = torch.where(mask, z, z0)
-        t = t.to(z0.dtype) if t.dim() == 0 else positions(t.to(z0.dtype))
-        t_position = torch.where(noisy, t, torch.zeros((), dtype=z0.dtype, device=z0.device))
-        return torch.where(mask, velocity(u, t_position, z0), 0.0)
-
-    def reduce(terms: Tensor) -> Tensor:  # [n, ..., L, d] -> [n, ..., n_blocks]
-        return sum_per_block((terms * mask).sum(-1), block_size)
-
-    def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:  # -> [..., n_blocks]
-        z_ratio, logdet_ratio = ratio
-        sq = sum_per_block((z_ratio.pow(2) * mask).sum(-1), block_size)
-        count = sum_per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
-        return torch.maximum((sq / count).sqrt(), logdet_ratio.abs().amax(0))
-
-    def spread(x: Tensor) -> tuple[Tensor, Tensor]:  # [..., n_blocks] -> to z and to log-det
-        return positions(x)[..., None], x[None]
-
-    def solve(solver):
-        z1, delta, nfe = _integrate(field, trace_terms, reduce, z0, (error_norm, spread, ~noisy_blocks), solver)
-        prior = sum_per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * mask).sum(-1), block_size)
-        return z1, prior, delta, nfe  # per probe: prior + delta, [n, ..., n_blocks]
-
-    z1, prior, delta, nfe = solve(solver)
+    flow = _BlockFlow(velocity, z0, block_size, prefix_len, lengths, solver, probes, seed)
+    z1, prior, delta, nfe = flow.solve(solver)
     per_probe = prior + delta
-    settings = _settings(solver, probes, seed, block_size=block_size)
     block_logp = per_probe.mean(0)
-    block_error, error, error_nfe = None, None, 0
-    if solver.solver_error:
-        _, prior_2, delta_2, error_nfe = solve(solver.companion())
-        block_error = solver_error_bound(prior, delta, prior_2 + delta_2, solver, z0.dtype)
-        error = solver_error_bound(prior.sum(-1), delta.sum(-1), (prior_2 + delta_2).sum(-1), solver, z0.dtype)
-    return BlockLogProb(
+    result = BlockLogProb(
         logp=block_logp.sum(-1),
         block_logp=block_logp,
-        integrated=noisy_blocks,
+        block_prior_logp=prior,
+        integrated=flow.noisy_blocks,
         prior_logp=prior.sum(-1),
         delta_logp=delta.mean(0).sum(-1),
         z1=z1,
         nfe=nfe,
-        settings=settings,
+        settings=_settings(solver, probes, seed, block_size=block_size),
         probe_logp=per_probe.sum(-1) if solver.hutchinson else None,
         probe_block_logp=per_probe if solver.hutchinson else None,
-        logp_error=error,
-        block_logp_error=block_error,
-        error_nfe=error_nfe,
     )
+    if solver.solver_error:
+        result.block_logp_error, result.logp_error, result.error_nfe = flow.companion_error(solver, prior, delta)
+    return result
+
+
+def block_causal_solver_error(
+    velocity,
+    z0: Tensor,
+    block_size: int,
+    solved: BlockLogProb,
+    select: Tensor,
+    *,
+    prefix_len: Tensor | int | None = None,
+    lengths: Tensor | int | None = None,
+    solver: Solver,
+    probes: Tensor | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, int]:
+    """The solver error of a finished ``block_causal_log_prob`` solve (``solved``, made with
+    these arguments and ``solver``), estimated on the batch elements ``select`` [...] (bool)
+    only: the companion solve runs on those alone (gathered into one batch, so ``velocity``
+    must take any batch shape), which is what lets an importance-weighted estimator pay for
+    the samples that carry its weight and no others. Returns ``(block_error [..., n_blocks],
+    error [...], nfe)``: nats, as ``block_logp_error`` and ``logp_error``, NaN where not
+    selected; ``nfe`` the companion's evaluations."""
+    *batch_shape, L, d = z0.shape
+    select = torch.as_tensor(select, dtype=torch.bool, device=z0.device)
+    if tuple(select.shape) != tuple(batch_shape):
+        raise ValueError(f"select must have the batch shape of z0, {tuple(batch_shape)}, got {tuple(select.shape)}")
+    n_blocks = solved.block_logp.shape[-1]
+    block_error = torch.full((*batch_shape, n_blocks), math.nan, dtype=torch.float64, device=z0.device)
+    error = torch.full(tuple(batch_shape), math.nan, dtype=torch.float64, device=z0.device)
+    if not select.any():
+        return block_error, error, 0
+    pick = lambda x: torch.as_tensor(x, device=z0.device).expand(batch_shape)[select]
+    if solver.hutchinson and probes is None:  # the main solve's probes, drawn for the whole batch
+        probes = _draw_probes(solver.probe, (solver.n_probes, *z0.shape), seed)
+    prior = solved.block_prior_logp[select]
+    per_probe = solved.probe_block_logp[:, select] if solved.probe_block_logp is not None else solved.block_logp[select][None]
+    flow = _BlockFlow(
+        velocity,
+        z0[select],
+        block_size,
+        None if prefix_len is None else pick(prefix_len),
+        None if lengths is None else pick(lengths),
+        solver,
+        None if probes is None else probes[:, select],
+        seed,
+    )
+    block_error[select], error[select], nfe = flow.companion_error(solver, prior, per_probe - prior)
+    return block_error, error, nfe
+
+
+class _BlockFlow:
+    """The block-causal flow of ``block_causal_log_prob`` on one batch, set up once:
+    ``solve(solver)`` -> ``(z1, prior [..., n_blocks], delta [n, ..., n_blocks], nfe)``, and
+    ``companion_error``, the solver error of a solve's ``prior + delta`` from a second,
+    finer solve on the same probes."""
+
+    def __init__(self, velocity, z0: Tensor, block_size: int, prefix_len, lengths, solver: Solver, probes: Tensor | None, seed: int):
+        _checks.floating_tensor("z0", z0, min_dims=2)
+        block_size = _checks.integer("block_size", block_size, minimum=1)
+        _check_probes(probes, z0)
+        _checks.integer("seed", seed, minimum=0)
+        *batch_shape, L, d = z0.shape
+        position = torch.arange(L, device=z0.device)
+        prefix = _checks.integer_tensor("prefix_len", 0 if prefix_len is None else prefix_len, batch_shape, minimum=0, maximum=L).to(z0.device)
+        length = _checks.integer_tensor("lengths", L if lengths is None else lengths, batch_shape, minimum=0, maximum=2**62).to(z0.device)
+        if ((length % block_size != 0) & (length < L)).any():
+            raise ValueError("lengths must end on a block boundary (or reach the end of z0)")
+        noisy = (position >= prefix[..., None]) & (position < length[..., None])  # [..., L]
+        self.noisy_blocks = sum_per_block(noisy.to(z0.dtype), block_size) > 0  # [..., n_blocks]
+        self.z0, self.dtype = z0, z0.dtype
+        # Position j of every block, channel c: one colour (cross-block derivatives are zero).
+        colours = (position % block_size)[:, None] * d + torch.arange(d, device=z0.device)
+        self.trace_terms = _trace_terms(solver, colours, z0, probes, seed)
+        mask = noisy[..., None]
+        positions = _block_to_positions(block_size, L)
+
+        def field(z: Tensor, t: Tensor) -> Tensor:  # t: 0-dim (shared) or [..., n_blocks]
+            u = torch.where(mask, z, z0)
+            t = t.to(z0.dtype) if t.dim() == 0 else positions(t.to(z0.dtype))
+            t_position = torch.where(noisy, t, torch.zeros((), dtype=z0.dtype, device=z0.device))
+            return torch.where(mask, velocity(u, t_position, z0), 0.0)
+
+        def reduce(terms: Tensor) -> Tensor:  # [n, ..., L, d] -> [n, ..., n_blocks]
+            return sum_per_block((terms * mask).sum(-1), block_size)
+
+        def error_norm(ratio: tuple[Tensor, Tensor]) -> Tensor:  # -> [..., n_blocks]
+            z_ratio, logdet_ratio = ratio
+            sq = sum_per_block((z_ratio.pow(2) * mask).sum(-1), block_size)
+            count = sum_per_block(noisy.to(sq.dtype), block_size).clamp_min(1) * d
+            return torch.maximum((sq / count).sqrt(), logdet_ratio.abs().amax(0))
+
+        def spread(x: Tensor) -> tuple[Tensor, Tensor]:  # [..., n_blocks] -> to z and to log-det
+            return positions(x)[..., None], x[None]
+
+        self.field, self.reduce, self.elements = field, reduce, (error_norm, spread, ~self.noisy_blocks)
+        self.mask, self.block_size = mask, block_size
+
+    def solve(self, solver: Solver):
+        z1, delta, nfe = _integrate(self.field, self.trace_terms, self.reduce, self.z0, self.elements, solver)
+        prior = sum_per_block(((-0.5 * z1.pow(2) - 0.5 * _LOG_2PI) * self.mask).sum(-1), self.block_size)
+        return z1, prior, delta, nfe  # per probe: prior + delta, [n, ..., n_blocks]
+
+    def companion_error(self, solver: Solver, prior: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(block_error [..., n_blocks], error [...], nfe)`` of the solve that gave ``prior``
+        [..., n_blocks] and ``delta`` [n, ..., n_blocks] (``solver_error_bound``)."""
+        _, prior_2, delta_2, nfe = self.solve(solver.companion())
+        block_error = solver_error_bound(prior, delta, prior_2 + delta_2, solver, self.dtype)
+        error = solver_error_bound(prior.sum(-1), delta.sum(-1), (prior_2 + delta_2).sum(-1), solver, self.dtype)
+        return block_error, error, nfe
 
 
 # Cola generation's sampler: 16 Euler steps per block.

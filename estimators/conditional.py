@@ -87,7 +87,7 @@ def conditional(
     prefix = _checks.integer_tensor("prefix_tokens", prefix_tokens, (len(batch),), minimum=0, maximum=batch.ids.shape[1]).long()
     if ((prefix < 0) | (prefix > batch.lengths)).any():
         raise ValueError("prefix_tokens must lie between 0 and each sequence's length")
-    options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
+    options = dict(seed=seed, chunk_size=chunk_size, solver=solver, importance_weighted=True)
     draws = draw(model, batch, n_samples, keys=keys, prefix_tokens=prefix, **options)
     ds = weights_dataset(draws, keys, draws.log_weight)
     s = dict(draws.per_sample)

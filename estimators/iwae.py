@@ -41,7 +41,7 @@ def iwae(
     if max_samples is not None and _checks.integer("max_samples", max_samples, minimum=1) < n_samples:
         raise ValueError(f"max_samples ({max_samples}) must be at least n_samples ({n_samples})")
     keys = streams.sequence_keys(batch, sequence_ids)
-    options = dict(seed=seed, chunk_size=chunk_size, solver=solver)
+    options = dict(seed=seed, chunk_size=chunk_size, solver=solver, importance_weighted=True)
     draws = draw(model, batch, n_samples, keys=keys, **options)
     while max_samples is not None:
         log_weight = xr.DataArray(draws.log_weight.numpy(), dims=("sequence", "sample"))

@@ -90,7 +90,12 @@ def solver_error(log_weights: xr.DataArray, errors: xr.DataArray, *, weighted: b
     ``e_k`` (nats, ``cnf`` estimates): ``mean_k e_k`` for the plain average (the ELBO);
     ``sum_k w_k e_k / sum_k w_k`` for ``log_mean_exp`` (``weighted``): to first order an error
     ``d_k`` in ``lw_k`` moves ``log mean exp(lw)`` by the weight-averaged ``d_k``. Kept apart
-    from the Monte Carlo standard error: the two are different things and both are reported."""
+    from the Monte Carlo standard error: the two are different things and both are reported.
+
+    Weighted, ``e_k`` may be NaN for samples whose error was not estimated (an importance-
+    weighted estimator skips the companion solve of samples with almost no weight,
+    ``colaprob.estimators.draws``): they are taken to be no worse than the worst estimated
+    sample, whose error is added in proportion to their share of the weight."""
     fn = _weighted_error if weighted else (lambda lw, e: _mean(e[~np.isnan(lw)]))
     return xr.apply_ufunc(fn, log_weights.astype(np.float64), errors.astype(np.float64), input_core_dims=[[dim], [dim]], vectorize=True)
 
@@ -101,8 +106,12 @@ def _mean(values: np.ndarray) -> float:
 
 def _weighted_error(log_weights: np.ndarray, errors: np.ndarray) -> float:
     present = ~np.isnan(log_weights)
-    w = _relative_weights(log_weights)
-    return float(np.sum(w * errors[present]) / w.sum()) if len(w) else math.nan
+    w, e = _relative_weights(log_weights), errors[present]
+    estimated = ~np.isnan(e)
+    if not estimated.any():
+        return math.nan
+    unestimated_share = w[~estimated].sum()
+    return float((np.sum(w[estimated] * e[estimated]) + unestimated_share * e[estimated].max()) / w.sum())
 
 
 def count(values: xr.DataArray, dim: str = "sample") -> xr.DataArray:

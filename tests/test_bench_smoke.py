@@ -102,3 +102,10 @@ def test_batch_independence_bench_runs_beside_a_reference_checkout():
 def test_context_proposal_bench_compares_both_proposals():
     out = run_bench("context_proposal.py")
     assert "framed as a whole text" in out and "prior noise after the context" in out and "spread over choices" in out
+
+
+def test_weighted_error_bench_compares_the_companion_on_every_sample_and_on_the_carrying_ones():
+    out = run_bench("weighted_error.py")
+    row = next(line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 4 "))
+    share = float(row[5])
+    assert "weight-carrying: extra" in out and 0 < share <= 1

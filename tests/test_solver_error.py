@@ -53,11 +53,11 @@ def test_a_coarse_solve_reports_more_error_than_a_fine_one():
     assert cnf.block_causal_log_prob(prior.velocity, u, 2, method="rk4", steps=4).logp_error is None
 
 
-def _quadrature_model() -> QuadratureModel:
+def _quadrature_model(posterior_widening: float = 1.1) -> QuadratureModel:
     g = torch.Generator().manual_seed(1)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     prior = BlockMixturePrior(r(3), r(3, 1, 1), r(3, 1, 1), 0.5 * r(3, 1, 1), 0.2 * r(3, 1, 1))
-    return QuadratureModel(prior, CategoricalDecoder(r(2, 3, 1), r(2, 3)), 2, 2.0, 0.5, posterior_widening=1.1)
+    return QuadratureModel(prior, CategoricalDecoder(r(2, 3, 1), r(2, 3)), 2, 2.0, 0.5, posterior_widening=posterior_widening)
 
 
 def test_estimators_propagate_the_solver_error_to_the_log_likelihood():
@@ -93,3 +93,58 @@ def test_task_scores_report_each_terms_solver_error():
         assert coarse.log_context_solver_error.values[2, 0] == 0  # no context, no solve
         true = np.abs(coarse.log_likelihood.values[at] - fine.log_likelihood.values[at])
         assert (coarse.log_likelihood_solver_error.values[at] >= true).all()
+
+
+def test_the_companion_of_selected_elements_equals_the_whole_batchs_there():
+    """``block_causal_solver_error`` on some elements of a finished solve reports what the
+    companion of the whole batch reports on them (the same probes, drawn for the whole
+    batch), and NaN on the others: adaptive and fixed-grid, exact and Hutchinson, with clean
+    prefixes and short lengths."""
+    prior = _prior()
+    u = _draws(prior, n_blocks=3, batch=6).reshape(2, 3, 6, 2)
+    flow = dict(prefix_len=torch.tensor([[0, 1, 2], [3, 0, 1]]), lengths=torch.tensor([[6, 4, 6], [6, 2, 6]]))
+    select = torch.tensor([[True, False, True], [False, True, False]])
+    for options in (dict(rtol=1e-4, atol=1e-4), dict(method="rk4", steps=4), dict(rtol=1e-4, atol=1e-4, trace="hutchinson", n_probes=2)):
+        solver = cnf.Solver(**options)
+        whole = cnf.block_causal_log_prob(prior.velocity, u, 2, solver=solver.replace(solver_error=True), **flow)
+        solved = cnf.block_causal_log_prob(prior.velocity, u, 2, solver=solver, **flow)
+        block_error, error, nfe = cnf.block_causal_solver_error(prior.velocity, u, 2, solved, select, solver=solver, **flow)
+        torch.testing.assert_close(block_error[select], whole.block_logp_error[select], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(error[select], whole.logp_error[select], rtol=1e-9, atol=1e-12)
+        assert error[~select].isnan().all() and block_error[~select].isnan().all() and nfe > 0
+        nothing = cnf.block_causal_solver_error(prior.velocity, u, 2, solved, torch.zeros_like(select), solver=solver, **flow)
+        assert nothing[1].isnan().all() and nothing[2] == 0
+
+
+def test_importance_weighted_estimates_skip_the_companion_of_light_samples():
+    """IWAE and the conditional solve the companion only for the samples that carry at least
+    ``UNESTIMATED_WEIGHT / K`` of the weight; the reported error then differs from the one
+    with a companion on every sample by at most that share times the largest sample error,
+    and still bounds the true error (the same draws solved finely)."""
+    from colaprob.estimators import statistics, streams
+    from colaprob.estimators.conditional import conditional
+    from colaprob.estimators.draws import UNESTIMATED_WEIGHT, draw, summarise
+
+    model = _quadrature_model(posterior_widening=4.0)  # a wide proposal: uneven weights
+    batch = make_batch([torch.tensor([0, 1, 2, 1]), torch.tensor([2, 2]), torch.tensor([1, 0, 0, 2])])
+    K, solver = 64, cnf.Solver(method="rk4", steps=3, solver_error=True)
+    keys = streams.sequence_keys(batch, None)
+    every = summarise(
+        model, batch, keys, draw(model, batch, K, keys=keys, seed=0, solver=solver), statistics.log_mean_exp, statistics.log_mean_exp_se, "IWAE", 0, 32, weighted=True
+    )
+    weighted = iwae(model, batch, K, solver=solver)
+    estimated = weighted.prior_solver_error.notnull()
+    assert 0 < int(estimated.sum()) < estimated.size, "the weights of this case are uneven: some samples must be skipped, some not"
+    normalised = np.exp(weighted.log_weight - weighted.log_likelihood) / K
+    assert bool((estimated == (normalised >= UNESTIMATED_WEIGHT / K)).all())
+    np.testing.assert_array_equal(weighted.log_likelihood.values, every.log_likelihood.values)  # the same solves
+    difference = np.abs(weighted.log_likelihood_solver_error - every.log_likelihood_solver_error)
+    assert bool((difference <= UNESTIMATED_WEIGHT * every.prior_solver_error.max("sample") + 1e-12).all())
+    reference = iwae(model, batch, K, method="rk4", steps=96)
+    assert bool((weighted.log_likelihood_solver_error >= np.abs(weighted.log_likelihood - reference.log_likelihood)).all())
+    assert weighted.attrs["solver_error_nfe"] > 0
+    cond = conditional(model, batch, torch.tensor([1, 1, 2]), K, solver=solver, direct=False)
+    assert 0 < int(cond.prior_solver_error.notnull().sum()) < cond.prior_solver_error.size
+    fine = conditional(model, batch, torch.tensor([1, 1, 2]), K, method="rk4", steps=96, direct=False)
+    for name in ("log_joint", "log_prefix"):
+        assert bool((cond[f"{name}_solver_error"] >= np.abs(cond[name] - fine[name])).all()), name

@@ -93,3 +93,11 @@ def test_missing_samples_are_ignored():
         assert math.isclose(float(fn(_rows(ragged))[0]), float(fn(_rows(lw[:1]))[0]))
     assert list(statistics.count(_rows(ragged)).values) == [300, 100]
     assert np.isnan(statistics.log_mean_exp(_rows(np.full((1, 4), np.nan)))).all()
+
+
+def test_a_weighted_solver_error_counts_unestimated_samples_as_the_worst_estimated_one():
+    log_weights = xr.DataArray(np.log([[4.0, 3.0, 2.0, 1.0, np.nan]]), dims=("sequence", "sample"))
+    errors = xr.DataArray([[0.1, 0.3, np.nan, np.nan, np.nan]], dims=("sequence", "sample"))
+    # (4 * 0.1 + 3 * 0.3 + (2 + 1) * 0.3) / 10; the fifth sample is absent
+    assert float(statistics.solver_error(log_weights, errors, weighted=True)[0]) == pytest.approx(0.22, rel=1e-12)
+    assert np.isnan(statistics.solver_error(log_weights, errors * np.nan, weighted=True)[0])
