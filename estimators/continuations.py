@@ -64,7 +64,7 @@ import xarray as xr
 from torch import Tensor
 
 from colaprob.estimators import cnf, statistics, streams
-from colaprob.estimators.draws import covering_rows, marginal_terms, prefix_only_proposal
+from colaprob.estimators.draws import covering_rows, marginal_terms, prefix_only_proposal, weight_carrying
 from colaprob.estimators.layout import LatentLayout
 from colaprob.protocol import DiagonalGaussian, TokenBatch, to_prior_space
 
@@ -236,13 +236,19 @@ def score_continuations(
         raise ValueError("item_ids must be one non-negative integer per item")
     solver = cnf.Solver.build(solver, **solver_keywords)
     cost = _Cost()
-    parts, settings = [], {}
+    parts, solves, settings = [], [], {}
+    # The solver error's companion waits until every sample's weight is known: only the
+    # samples that carry weight get one (``draws.weight_carrying``).
+    main = solver.replace(solver_error=False)
     for k0 in range(0, n_samples, chunk_size):
         indices = range(k0, min(k0 + chunk_size, n_samples))
-        weights, settings = _weights(model, batch, keys, indices, seed, solver, share_context, cost)
+        weights, chunk_solves, settings = _weights(model, batch, keys, indices, seed, main, share_context, cost)
         parts.append(weights)
+        solves.append(chunk_solves)
     settings.update(solver.to_attrs())  # the probes were drawn here, of the solver's kind
     weights = {name: torch.cat([part[name] for part in parts], 0) for name in parts[0]}
+    if solver.solver_error:
+        weights |= _solver_errors(model, batch, weights, solves, solver, cost)
     return _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk_size, share_context)
 
 
@@ -259,8 +265,8 @@ class _Cost:
 
 def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
     """Log-weights of samples ``indices`` by name, each [k, R] float64: ``joint`` and
-    ``context``, and with ``solver.solver_error`` their solver errors ``joint_error`` and
-    ``context_error`` (the covering blocks' estimated errors, summed); and the settings."""
+    ``context``; the solves behind them (``_Solves``, for their solver errors); and the
+    settings."""
     P, bs = model.patch_size, model.block_size
     rows = batch.token_batch()
     q = _joint_proposal(model, rows, batch.total_tokens)
@@ -276,12 +282,93 @@ def _weights(model, batch, keys, indices, seed, solver, share_context, cost):
         decoder = model.decoder_log_prob(z, rows).double().cpu()  # [k, R, N]
         posterior = q.log_prob(z).cpu()  # [k, R, L]
     u = to_prior_space(model, z)
-    weights, context_prior, settings = context.weights(model, indices, cost, options)
-    block_prior, block_error, row_settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), context, context_prior, cost, options)
+    weights, context_solve, settings = context.weights(model, indices, cost, options)
+    block_prior, window_solves, row_settings = _block_prior(model, u, probes, shared_blocks, layout.blocks(batch.total_tokens), context, context_solve, cost, options)
     weights["joint"] = _marginal_log_weight(model, layout, decoder, block_prior, posterior, batch.total_tokens)
-    if block_error is not None:
-        weights["joint_error"] = (block_error * layout.block_mask(batch.total_tokens)).sum(-1)
-    return weights, row_settings or settings
+    solves = _Solves(context_solve, window_solves, shared_blocks, layout.block_mask(batch.total_tokens))
+    return weights, solves, row_settings or settings
+
+
+@dataclass
+class _Solve:
+    """One finished block-causal solve, kept for its companion: ``velocity_of(select)`` the
+    velocity of its elements ``select`` [k, n] alone (in ``z0[select]``'s order), ``z0`` [k, n,
+    L, d], ``lengths``, ``probes``, the result ``solved``; ``rows`` [n] the rows of its second
+    dim (for the contexts' solve: each row's context, -1 without one), ``start`` its first
+    absolute block, and ``blocks`` [n, n_blocks] the blocks each element's own term covers
+    (the contexts')."""
+
+    velocity_of: object
+    z0: Tensor
+    lengths: Tensor
+    probes: Tensor | None
+    solved: cnf.BlockLogProb
+    rows: Tensor
+    start: int = 0
+    blocks: Tensor | None = None
+
+
+@dataclass
+class _Solves:
+    """A chunk's solves: the contexts' (``context``; None without contexts) and the joint
+    rows' windows, with the rows' ``shared_blocks`` [R] (taken from their context's solve)
+    and ``joint_blocks`` [R, n_blocks] (the blocks their joint covers)."""
+
+    context: _Solve | None
+    windows: list[_Solve]
+    shared_blocks: Tensor
+    joint_blocks: Tensor
+
+
+def _solver_errors(model, batch, weights, solves: list[_Solves], solver: cnf.Solver, cost: _Cost) -> dict:
+    """``joint_error`` and ``context_error`` [K, R]: each term's solver error per sample (its
+    covering blocks' estimated errors summed), the companion solved only where a sample
+    carries weight in that term (``draws.weight_carrying``); NaN elsewhere, 0 for a row
+    without context. A context's sample is solved where its context term, or a joint row
+    that takes its shared blocks from it, needs it."""
+    joint_carry = weight_carrying(weights["joint"].T).T  # [K, R]
+    context_carry = weight_carrying(weights["context"].T).T
+    K, R = weights["joint"].shape
+    joint_error = torch.full((K, R), math.nan, dtype=torch.float64)
+    context_error = torch.zeros(K, R, dtype=torch.float64)
+    column = 0
+    for chunk in solves:
+        some = chunk.context if chunk.context is not None else chunk.windows[0]
+        k = some.z0.shape[0]
+        carry_joint, carry_context = joint_carry[column : column + k], context_carry[column : column + k]
+        uses_context = carry_joint & (chunk.shared_blocks > 0)
+        block_error = torch.full((k, R, chunk.joint_blocks.shape[-1]), math.nan, dtype=torch.float64)
+        if chunk.context is not None:
+            c = chunk.context
+            rows = torch.nonzero(c.rows >= 0)[:, 0]
+            unit = c.rows[rows]
+            wanted = torch.zeros(k, c.z0.shape[1], dtype=torch.bool)
+            for r, u in zip(rows.tolist(), unit.tolist()):
+                wanted[:, u] |= carry_context[:, r] | uses_context[:, r]
+            errors, nfe = _companion(c, wanted, solver)
+            cost.error_nfe += nfe
+            context_error[column : column + k, rows] = (errors * c.blocks).sum(-1)[:, unit]
+            width = min(errors.shape[-1], block_error.shape[-1])
+            shared = torch.arange(width) < chunk.shared_blocks[rows, None]  # [rows, width]
+            block_error[:, rows, :width] = torch.where(shared, errors[:, unit, :width], block_error[:, rows, :width])
+        for w in chunk.windows:
+            errors, nfe = _companion(w, carry_joint[:, w.rows], solver)
+            cost.error_nfe += nfe
+            block_error[:, w.rows, w.start : w.start + errors.shape[-1]] = errors
+        covered = torch.where(chunk.joint_blocks.bool(), block_error, 0.0).sum(-1)
+        joint_error[column : column + k] = covered.where(carry_joint, math.nan)
+        column += k
+    return {"joint_error": joint_error, "context_error": context_error}
+
+
+def _companion(solve: _Solve, select: Tensor, solver: cnf.Solver) -> tuple[Tensor, int]:
+    """The block errors [k, n, n_blocks] of ``solve`` on its elements ``select`` [k, n] (NaN
+    elsewhere) and the companion's evaluations."""
+    select = select.to(solve.z0.device)
+    block_error, _, nfe = cnf.block_causal_solver_error(
+        solve.velocity_of(select), solve.z0, solve.solved.settings["block_size"], solve.solved, select, lengths=solve.lengths, probes=solve.probes, solver=solver
+    )
+    return block_error.cpu(), nfe
 
 
 def _joint_proposal(model, rows: TokenBatch, tokens: Tensor) -> DiagonalGaussian:
@@ -374,16 +461,13 @@ class _Context:
         where = (torch.arange(L) < positions[:, None])[..., None].to(q.mean.device)  # [R, L, 1]
         return DiagonalGaussian(torch.where(where, pad(self.proposal.mean), q.mean), torch.where(where, pad(self.proposal.logvar), q.logvar))
 
-    def weights(self, model, indices, cost: _Cost, options) -> tuple[dict, tuple | None, dict]:
-        """The context term of samples ``indices``: ``context`` [k, R] log-weights of the rows
-        (and ``context_error``), each row given its context's, 0 without one; the prior of
-        the covering blocks solved once per context, ``(block_logp, block_error)`` [k, U,
-        n_blocks] (None without contexts), of which the joint rows take their shared blocks;
-        and the solver settings."""
+    def weights(self, model, indices, cost: _Cost, options) -> tuple[dict, _Solve | None, dict]:
+        """The context term of samples ``indices``: ``context`` [k, R] log-weights of the rows,
+        each row given its context's, 0 without one; the solve of the covering blocks, once
+        per context (None without contexts), of which the joint rows take their shared
+        blocks; and the solver settings."""
         k, d, R = len(indices), model.latent_dim, len(self.unit)
         out = {"context": torch.zeros(k, R, dtype=torch.float64)}
-        if options["solver"].solver_error:
-            out["context_error"] = torch.zeros(k, R, dtype=torch.float64)
         if self.batch is None:
             return out, None, {}
         layout = LatentLayout.of(model, self.batch)
@@ -394,54 +478,48 @@ class _Context:
             posterior = self.proposal.log_prob(z).cpu()
         u = to_prior_space(model, z)
         lengths = layout.positions().to(u.device).expand(k, -1)
-        r = cnf.block_causal_log_prob(_counted(model.prior_velocity, cost, d), u, model.block_size, lengths=lengths, probes=probes, **options)
+        velocity = _counted(model.prior_velocity, cost, d)
+        r = cnf.block_causal_log_prob(velocity, u, model.block_size, lengths=lengths, probes=probes, **options)
         _count_history(model, cost, u, d)
-        cost.nfe, cost.error_nfe = cost.nfe + r.nfe, cost.error_nfe + r.error_nfe
-        block_logp = r.block_logp.cpu()
-        block_error = None if r.block_logp_error is None else r.block_logp_error.cpu()
+        cost.nfe += r.nfe
         has = self.unit >= 0
-        source = self.unit[has]
-        out["context"][:, has] = _marginal_log_weight(model, layout, decoder, block_logp, posterior, self.tokens)[:, source]
-        if block_error is not None:
-            out["context_error"][:, has] = (block_error * layout.block_mask(self.tokens)).sum(-1)[:, source]
-        return out, (block_logp, block_error), r.settings
+        out["context"][:, has] = _marginal_log_weight(model, layout, decoder, r.block_logp.cpu(), posterior, self.tokens)[:, self.unit[has]]
+        solve = _Solve(lambda select: velocity, u, lengths, probes, r, self.unit, blocks=layout.block_mask(self.tokens))
+        return out, solve, r.settings
 
 
-def _block_prior(model, u, probes, shared_blocks, joint_blocks, context: _Context, context_prior, cost, options):
+def _block_prior(model, u, probes, shared_blocks, joint_blocks, context: _Context, context_solve: _Solve | None, cost, options):
     """``log p(u^(b) | u^(<b))`` per row and absolute block, [k, R, n_blocks] float64 (0 beyond
-    a row's covering blocks), each block's estimated solver error in the same layout (None
-    without ``solver_error``), and the solver settings. The ``shared_blocks`` [R] of a row
-    come from its context's solve (``context_prior``, ``_Context.weights``); the rest
-    from one solve per group of rows that share where it starts."""
+    a row's covering blocks), the window solves behind it (``_Solve``) and the solver
+    settings. The ``shared_blocks`` [R] of a row come from its context's solve
+    (``context_solve``, ``_Context.weights``); the rest from one solve per group of rows that
+    share where it starts."""
     bs = model.block_size
     k, R, L, d = u.shape
     n_blocks = -(-L // bs)
     out = torch.zeros(k, R, n_blocks, dtype=torch.float64)
-    error = torch.zeros(k, R, n_blocks, dtype=torch.float64) if options["solver"].solver_error else None
-    settings = {}
+    settings, solves = {}, []
     if shared_blocks.any():
         source = context.unit.clamp_min(0)
-        width = min(context_prior[0].shape[-1], n_blocks)
+        values = context_solve.solved.block_logp.cpu()
+        width = min(values.shape[-1], n_blocks)
         in_context = torch.arange(width) < shared_blocks[:, None]  # [R, width]
-        for target, values in zip((out, error), context_prior):
-            if target is not None:
-                target[..., :width] += values[:, source, :width] * in_context
+        out[..., :width] += values[:, source, :width] * in_context
     for start in shared_blocks.unique().tolist():  # each choice: the blocks its continuation touches
         group = torch.nonzero(shared_blocks == start)[:, 0]
         s, end = start * bs, int(joint_blocks[group].max()) * bs
         history = u[:, group, :end].contiguous()  # clean: the context's and the choice's own latents
         z0 = history[..., s:, :]
         p = None if probes is None else probes[:, :, group, s:end].contiguous()
-        velocity = _window_velocity(model, history, s, cost, d)
         lengths = (joint_blocks[group] * bs - s).to(u.device).expand(k, -1)
-        r = cnf.block_causal_log_prob(velocity, z0, bs, lengths=lengths, probes=p, **options)
+        r = cnf.block_causal_log_prob(_window_velocity(model, history, s, cost, d), z0, bs, lengths=lengths, probes=p, **options)
         _count_history(model, cost, history, d)
-        cost.nfe, cost.error_nfe = cost.nfe + r.nfe, cost.error_nfe + r.error_nfe
+        cost.nfe += r.nfe
         settings = r.settings
         out[:, group, start : start + r.block_logp.shape[-1]] = r.block_logp.cpu()
-        if error is not None:
-            error[:, group, start : start + r.block_logp.shape[-1]] = r.block_logp_error.cpu()
-    return out, error, settings
+        of_selected = lambda select, history=history, s=s: _window_velocity(model, history[select], s, cost, d)
+        solves.append(_Solve(of_selected, z0, lengths, p, r, group, start))
+    return out, solves, settings
 
 
 def _counted(velocity, cost: _Cost, d: int):

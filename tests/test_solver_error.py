@@ -148,3 +148,22 @@ def test_importance_weighted_estimates_skip_the_companion_of_light_samples():
     fine = conditional(model, batch, torch.tensor([1, 1, 2]), K, method="rk4", steps=96, direct=False)
     for name in ("log_joint", "log_prefix"):
         assert bool((cond[f"{name}_solver_error"] >= np.abs(cond[name] - fine[name])).all()), name
+
+
+def test_task_scores_solve_the_companion_of_the_weight_carrying_samples_only(monkeypatch):
+    """With uneven weights some samples of every solve go without a companion, none with
+    all of them skipped (each term's heaviest sample carries weight), and each term's
+    reported error still bounds its true one (the same draws solved finely)."""
+    from colaprob.estimators.continuations import ContinuationBatch, score_continuations
+
+    shares, real = [], cnf.block_causal_solver_error
+    monkeypatch.setattr(cnf, "block_causal_solver_error", lambda *a, **k: (shares.append(float(a[4].double().mean())), real(*a, **k))[1])
+    model = _quadrature_model(posterior_widening=4.0)
+    batch = ContinuationBatch.from_tokens([[0, 1], [2], []], [[[2], [1, 0]], [[1, 2, 0], [0]], [[1, 1]]], multiple=2)
+    at = (batch.item, batch.choice)
+    coarse = score_continuations(model, batch, 64, method="rk4", steps=3, solver_error=True)
+    fine = score_continuations(model, batch, 64, method="rk4", steps=96)
+    assert shares and min(shares) > 0 and min(shares) < 1, shares
+    for name in ("log_joint", "log_context"):
+        true = np.abs(coarse[name].values[at] - fine[name].values[at])
+        assert (coarse[f"{name}_solver_error"].values[at] >= true).all(), name
