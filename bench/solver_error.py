@@ -210,7 +210,7 @@ def analytic(args) -> None:
     n_blocks = 2 if args.quick else 6
     u = common.mixture_samples(prior, 2 * n_blocks, 4 if args.quick else 16, seed=1 + args.skip).float()
     exact = prior.block_log_prob(u.double())  # [B, n_blocks]
-    reference = cnf.BlockLogProb(logp=exact.sum(-1), block_logp=exact, integrated=torch.ones_like(exact, dtype=torch.bool),
+    reference = cnf.BlockLogProb(logp=exact.sum(-1), block_logp=exact, block_prior_logp=torch.zeros_like(exact), integrated=torch.ones_like(exact, dtype=torch.bool),
                                  prior_logp=exact.sum(-1), delta_logp=exact.sum(-1), z1=u.double(), nfe=0, settings={})
     print(f"## Analytic harness: BlockMixturePrior (block 2, d 2), {u.shape[0]} sequences of {n_blocks} blocks drawn from seed {1 + args.skip}, float32 latents, exact trace")
     print()

@@ -106,6 +106,6 @@ def test_context_proposal_bench_compares_both_proposals():
 
 def test_weighted_error_bench_compares_the_companion_on_every_sample_and_on_the_carrying_ones():
     out = run_bench("weighted_error.py")
-    row = next(line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 4 "))
+    row = next(line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 4 "))  # the IWAE table
     share = float(row[5])
     assert "weight-carrying: extra" in out and 0 < share <= 1
