@@ -116,6 +116,7 @@ VARIABLES: dict[str, Meaning] = {
     "choice_valid": Meaning("choice exists", None, "true for the continuations an item has (the grid is padded to the most choices)"),
     "log_context": Meaning("log-likelihood of the context", NAT, "IWAE-K log p(x_<n_c) on the same draws as log_joint"),
     "context_heavy_tailed": Meaning("context weights heavy-tailed", None, "true where khat_context is computable and above khat_threshold: the context term and its standard error may be far off"),
+    "joint_heavy_tailed": Meaning("joint weights heavy-tailed", None, "true where khat is computable and above khat_threshold: the joint term and its standard error may be far off"),
     "khat_context": Meaning("Pareto k-hat of the context weights", ONE, "as khat, for the context's weights"),
     "context_tokens": Meaning("tokens of the context", ONE, "framed tokens of the context, beginning-of-text token included"),
     "chosen": Meaning("choice of highest likelihood", ONE, "argmax over choices of log_likelihood (acc)"),

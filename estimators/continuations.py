@@ -199,8 +199,8 @@ def continuation_log_prob(
     ``log_likelihood_se`` (nats), ``log_joint``, ``log_context`` and their ``_se``,
     ``log_weight``, ``log_weight_context`` [item, choice, sample], ``n_tokens``, ``n_bytes``
     of the continuation alone, ``context_tokens``, ``khat``, ``khat_context``, ``ess``,
-    ``context_heavy_tailed`` (k-hat of the context term computable and above its threshold;
-    a warning names these rows); with ``solver_error`` (a field of the solver) also
+    ``context_heavy_tailed`` and ``joint_heavy_tailed`` (k-hat of that term computable and
+    above its threshold; a warning names the items); with ``solver_error`` (a field of the solver) also
     ``log_joint_solver_error``, ``log_context_solver_error`` and their sum
     ``log_likelihood_solver_error`` (nats, apart from the Monte Carlo ``log_likelihood_se``);
     with the
@@ -602,14 +602,18 @@ def _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk
     # The context term draws from a proposal that has seen the context only, but a fitted
     # Gaussian can still be heavy-tailed against the prefix marginal's posterior (a sharp
     # decoder, a narrow encoder); say so where k-hat can tell. One term per item.
-    ds["context_heavy_tailed"] = bool(statistics.khat_computable(n_samples)) & (ds["khat_context"] > ds["khat_threshold"])
-    if ds["context_heavy_tailed"].any():
-        named = ", ".join(str(item) for item in ds.item.values[ds["context_heavy_tailed"].any("choice").values])
-        warnings.warn(
-            f"the context term log p(context) of item(s) {named} has heavy-tailed importance weights (k-hat above its threshold), "
-            "so its value and standard error may be far off; use more samples (K) and see context_heavy_tailed.",
-            stacklevel=3,
-        )
+    # The joint term, likewise: its proposal is the row's posterior (the prefix-only one on a
+    # block the joint ends inside), which can be as heavy-tailed.
+    computable = bool(statistics.khat_computable(n_samples))
+    for name, term, khat in (("context", "the context term log p(context)", "khat_context"), ("joint", "the joint term log p(context + continuation)", "khat")):
+        ds[f"{name}_heavy_tailed"] = computable & (ds[khat] > ds["khat_threshold"])
+        if ds[f"{name}_heavy_tailed"].any():
+            named = ", ".join(str(item) for item in ds.item.values[ds[f"{name}_heavy_tailed"].any("choice").values])
+            warnings.warn(
+                f"{term} of item(s) {named} has heavy-tailed importance weights (k-hat above its threshold), "
+                f"so its value and standard error may be far off; use more samples (K) and see {name}_heavy_tailed.",
+                stacklevel=3,
+            )
     ds.attrs.update(
         {
             "estimator": ESTIMATOR.format(K=n_samples),

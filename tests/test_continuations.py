@@ -206,3 +206,20 @@ def test_heavy_tailed_context_weights_are_flagged_and_named():
         warnings.simplefilter("error")
         few = score_continuations(model, batch, 8, **FIXED)
     assert not few.context_heavy_tailed.any() and np.isnan(few.khat_context).all()
+
+
+def test_heavy_tailed_joint_weights_are_flagged_and_named():
+    """A proposal narrower than the posterior (a quadrature model's encoder at 0.3 of its
+    width) gives heavy-tailed joint weights: exactly the choices whose k-hat is above the
+    threshold are flagged (some, not all) and their items named; below 21 samples nothing."""
+    from test_solver_error import _quadrature_model
+
+    model = _quadrature_model(posterior_widening=0.3)
+    batch = ContinuationBatch.from_tokens([[0, 1], [2]], [[[2], [1, 0]], [[1, 2, 0], [0]]], multiple=2)
+    with pytest.warns(UserWarning, match=r"joint term log p\(context \+ continuation\) of item\(s\) 0, 1 has heavy-tailed"):
+        ds = score_continuations(model, batch, 256, chunk_size=256, method="rk4", steps=4)
+    flagged = ds.joint_heavy_tailed.values
+    assert flagged.tolist() == (ds.khat > ds.khat_threshold).values.tolist()
+    assert flagged.any() and not flagged.all()
+    few = score_continuations(model, batch, 8, method="rk4", steps=4)
+    assert not few.joint_heavy_tailed.any() and np.isnan(few.khat).all()
