@@ -290,13 +290,16 @@ def block_causal_solver_error(
     the samples that carry its weight and no others. Returns ``(block_error [..., n_blocks],
     error [...], nfe)``: nats, as ``block_logp_error`` and ``logp_error``, NaN where not
     selected; ``nfe`` the companion's evaluations."""
-    *batch_shape, L, d = z0.shape
+    _checks.floating_tensor("z0", z0, min_dims=2)
+    batch_shape = tuple(z0.shape[:-2])
+    if not isinstance(solved, BlockLogProb) or tuple(solved.block_logp.shape[:-1]) != batch_shape:
+        raise ValueError(f"solved must be the BlockLogProb that block_causal_log_prob returned for this z0 (batch shape {batch_shape})")
     select = torch.as_tensor(select, dtype=torch.bool, device=z0.device)
-    if tuple(select.shape) != tuple(batch_shape):
-        raise ValueError(f"select must have the batch shape of z0, {tuple(batch_shape)}, got {tuple(select.shape)}")
+    if tuple(select.shape) != batch_shape:
+        raise ValueError(f"select must have the batch shape of z0, {batch_shape}, got {tuple(select.shape)}")
     n_blocks = solved.block_logp.shape[-1]
     block_error = torch.full((*batch_shape, n_blocks), math.nan, dtype=torch.float64, device=z0.device)
-    error = torch.full(tuple(batch_shape), math.nan, dtype=torch.float64, device=z0.device)
+    error = torch.full(batch_shape, math.nan, dtype=torch.float64, device=z0.device)
     if not select.any():
         return block_error, error, 0
     pick = lambda x: torch.as_tensor(x, device=z0.device).expand(batch_shape)[select]

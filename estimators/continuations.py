@@ -248,7 +248,7 @@ def score_continuations(
     settings.update(solver.to_attrs())  # the probes were drawn here, of the solver's kind
     weights = {name: torch.cat([part[name] for part in parts], 0) for name in parts[0]}
     if solver.solver_error:
-        weights |= _solver_errors(model, batch, weights, solves, solver, cost)
+        weights |= _solver_errors(weights, solves, solver, cost)
     return _dataset(model, batch, keys, weights, settings, cost, n_samples, seed, chunk_size, share_context)
 
 
@@ -320,7 +320,7 @@ class _Solves:
     joint_blocks: Tensor
 
 
-def _solver_errors(model, batch, weights, solves: list[_Solves], solver: cnf.Solver, cost: _Cost) -> dict:
+def _solver_errors(weights, solves: list[_Solves], solver: cnf.Solver, cost: _Cost) -> dict:
     """``joint_error`` and ``context_error`` [K, R]: each term's solver error per sample (its
     covering blocks' estimated errors summed), the companion solved only where a sample
     carries weight in that term (``draws.weight_carrying``); NaN elsewhere, 0 for a row
@@ -333,8 +333,7 @@ def _solver_errors(model, batch, weights, solves: list[_Solves], solver: cnf.Sol
     context_error = torch.zeros(K, R, dtype=torch.float64)
     column = 0
     for chunk in solves:
-        some = chunk.context if chunk.context is not None else chunk.windows[0]
-        k = some.z0.shape[0]
+        k = chunk.windows[0].z0.shape[0]  # every row has a window: its continuation's blocks
         carry_joint, carry_context = joint_carry[column : column + k], context_carry[column : column + k]
         uses_context = carry_joint & (chunk.shared_blocks > 0)
         block_error = torch.full((k, R, chunk.joint_blocks.shape[-1]), math.nan, dtype=torch.float64)

@@ -3,6 +3,7 @@ densities of ``colaprob.testing.BlockMixturePrior``) and the estimators on the q
 model, where a much finer solve is the reference."""
 
 import numpy as np
+import pytest
 import torch
 
 from colaprob.estimators import cnf, elbo, iwae
@@ -114,6 +115,10 @@ def test_the_companion_of_selected_elements_equals_the_whole_batchs_there():
         assert error[~select].isnan().all() and block_error[~select].isnan().all() and nfe > 0
         nothing = cnf.block_causal_solver_error(prior.velocity, u, 2, solved, torch.zeros_like(select), solver=solver, **flow)
         assert nothing[1].isnan().all() and nothing[2] == 0
+    with pytest.raises(ValueError, match="select must have the batch shape"):
+        cnf.block_causal_solver_error(prior.velocity, u, 2, solved, select[0], solver=solver, **flow)
+    with pytest.raises(ValueError, match="solved must be the BlockLogProb"):
+        cnf.block_causal_solver_error(prior.velocity, u[:1], 2, solved, select[:1], solver=solver)
 
 
 def test_importance_weighted_estimates_skip_the_companion_of_light_samples():
