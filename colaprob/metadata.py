@@ -90,8 +90,8 @@ VARIABLES: dict[str, Meaning] = {
     "khat_direct": Meaning("Pareto k-hat of the direct weights", ONE, "as khat, for log_weight_direct"),
     "direct_applies": Meaning("direct estimate defined", None, "true where the prompt ends on a latent-position boundary (else the direct estimate is NaN)"),
     # --- solver error in nats (score), kept apart from the Monte Carlo standard errors
-    "log_likelihood_solver_error": Meaning("solver error of the log-likelihood", NAT, "estimated ODE solver error of log_likelihood, from a finer companion solve on the same probes (mean over samples for the ELBO, weight-averaged for IWAE); an estimate, not a bound"),
-    "prior_solver_error": Meaning("solver error of the prior log-density", NAT, "estimated ODE solver error of log p_psi(z_k) per sample, from a finer companion solve; NaN where an importance-weighted estimate (IWAE, conditional) skipped it: the sample held less than 1% / K of the weight"),
+    "log_likelihood_solver_error": Meaning("solver error of the log-likelihood", NAT, "estimated ODE solver error of log_likelihood, from a finer companion solve on the same probes (for the ELBO the mean over the samples whose error was estimated, every 8th; weight-averaged for IWAE); an estimate, not a bound"),
+    "prior_solver_error": Meaning("solver error of the prior log-density", NAT, "estimated ODE solver error of log p_psi(z_k) per sample, from a finer companion solve; NaN where it was not estimated: a plain average (the ELBO, the decomposition) estimates samples 0, 8, 16, ... only, an importance-weighted one (IWAE, conditional) skips the samples holding less than 1% / K of the weight"),
     "block_prior_solver_error": Meaning("solver error of each prior block", NAT, "estimated ODE solver error of each block's conditional log-density, mean over the samples whose error was estimated"),
     "prior_prefix_solver_error": Meaning("solver error of the prefix's prior terms", NAT, "as prior_solver_error, for the blocks covering the prefix"),
     "log_joint_solver_error": Meaning("solver error of the joint log-likelihood", NAT, "as log_likelihood_solver_error, for log_joint"),

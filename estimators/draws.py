@@ -192,6 +192,20 @@ def prefix_only_proposal(model, covering: TokenBatch, prefix: Tensor) -> Diagona
 UNESTIMATED_WEIGHT = 0.01
 
 
+# A plain average (the ELBO) weighs every sample alike, so its solver error, the mean of its
+# samples' errors, is estimated from every ``ERROR_SUBSAMPLE_STRIDE``-th sample (indices 0, 8,
+# 16, ...: i.i.d. draws, so an unbiased estimate of that mean) at 1/8 of the companion's cost.
+# bench/elbo_error.py measures what this does to the estimate's coverage of the true error.
+ERROR_SUBSAMPLE_STRIDE = 8
+
+
+def error_subsample(indices: range, batch_size: int) -> Tensor:
+    """[k, B] bool: the samples of ``indices`` whose error a plain average estimates (sample
+    index a multiple of ``ERROR_SUBSAMPLE_STRIDE``), the same in every row and chunk."""
+    chosen = torch.tensor([k % ERROR_SUBSAMPLE_STRIDE == 0 for k in indices])
+    return chosen[:, None].expand(len(indices), batch_size)
+
+
 def weight_carrying(log_weight: Tensor) -> Tensor:
     """[B, K] bool: the samples whose self-normalised weight ``w_k / sum_j w_j`` (over a
     row's present samples; NaN ones are absent) is at least ``UNESTIMATED_WEIGHT / K``."""
@@ -227,10 +241,13 @@ def draw(
     and the latents from ``pinned`` on (the direct conditional). ``per_block``: also keep
     every sample's per-block prior and posterior terms; ``keep_latents``: also the draws.
     ``proposal``: draw from this [B, L, d] instead of ``model.posterior(batch)`` (the prefix
-    proposal of ``colaprob.estimators.conditional``). ``importance_weighted``: the estimator
-    self-normalises these draws' weights (IWAE, the conditional), so with the solver error
-    only the samples that carry weight get the companion solve (``weight_carrying``, of the
-    joint and of the prefix marginal); the others' errors are NaN.
+    proposal of ``colaprob.estimators.conditional``).
+
+    With the solver error, only some samples get the companion solve; the others' errors are
+    NaN. ``importance_weighted``: the estimator self-normalises these draws' weights (IWAE,
+    the conditional), so the samples that carry weight get it (``weight_carrying``, of the
+    joint and of the prefix marginal); otherwise (a plain average: the ELBO, the
+    decomposition) every ``ERROR_SUBSAMPLE_STRIDE``-th sample (``error_subsample``).
     """
     check_arguments(model, batch, n_samples, seed=seed, chunk_size=chunk_size)
     _checks.integer("start", start, minimum=0)
@@ -253,7 +270,7 @@ def draw(
     hutchinson, with_error = solver.hutchinson, solver.solver_error
     # Weighted, the companion waits until every sample's weight is known.
     deferred = with_error and importance_weighted
-    main_solver = solver.replace(solver_error=False) if deferred else solver
+    main_solver = solver.replace(solver_error=False)
 
     per_sample: dict[str, list[Tensor]] = {}
     sums = {"token_decoder": torch.zeros(B, N, dtype=torch.float64), "block_prior": torch.zeros(B, n_blocks, dtype=torch.float64)}
@@ -305,7 +322,10 @@ def draw(
         if hutchinson:
             terms["prior_probe_se"] = r.logp_se.cpu()
         if with_error and not deferred:
-            terms |= error_terms(r.block_logp_error, r.logp_error)
+            select = error_subsample(indices, B).to(device)
+            block_error, error, companion_nfe = cnf.block_causal_solver_error(model.prior_velocity, u, bs, r, select, **{**flow, "solver": solver})
+            error_nfe += companion_nfe
+            terms |= error_terms(block_error, error)
         for name, value in terms.items():
             per_sample.setdefault(name, []).append(value.T)
         sums["token_decoder"] += (decoder * counted_tokens).sum(0)

@@ -87,7 +87,8 @@ def paired_log_mean_exp_se(log_weights_a: xr.DataArray, log_weights_b: xr.DataAr
 
 def solver_error(log_weights: xr.DataArray, errors: xr.DataArray, *, weighted: bool, dim: str = "sample") -> xr.DataArray:
     """The solver error of an average of log-weights whose samples carry solver errors
-    ``e_k`` (nats, ``cnf`` estimates): ``mean_k e_k`` for the plain average (the ELBO);
+    ``e_k`` (nats, ``cnf`` estimates): ``mean_k e_k`` for the plain average (the ELBO), over
+    the samples whose error was estimated (NaN: not; ``draws.error_subsample``);
     ``sum_k w_k e_k / sum_k w_k`` for ``log_mean_exp`` (``weighted``): to first order an error
     ``d_k`` in ``lw_k`` moves ``log mean exp(lw)`` by the weight-averaged ``d_k``. Kept apart
     from the Monte Carlo standard error: the two are different things and both are reported.
@@ -96,7 +97,7 @@ def solver_error(log_weights: xr.DataArray, errors: xr.DataArray, *, weighted: b
     weighted estimator skips the companion solve of samples with almost no weight,
     ``colaprob.estimators.draws``): they are taken to be no worse than the worst estimated
     sample, whose error is added in proportion to their share of the weight."""
-    fn = _weighted_error if weighted else (lambda lw, e: _mean(e[~np.isnan(lw)]))
+    fn = _weighted_error if weighted else (lambda lw, e: _mean(e[~np.isnan(lw) & ~np.isnan(e)]))
     return xr.apply_ufunc(fn, log_weights.astype(np.float64), errors.astype(np.float64), input_core_dims=[[dim], [dim]], vectorize=True)
 
 

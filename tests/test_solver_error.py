@@ -121,14 +121,16 @@ def test_the_companion_of_selected_elements_equals_the_whole_batchs_there():
         cnf.block_causal_solver_error(prior.velocity, u[:1], 2, solved, select[:1], solver=solver)
 
 
-def test_importance_weighted_estimates_skip_the_companion_of_light_samples():
+def test_importance_weighted_estimates_skip_the_companion_of_light_samples(monkeypatch):
     """IWAE and the conditional solve the companion only for the samples that carry at least
     ``UNESTIMATED_WEIGHT / K`` of the weight; the reported error then differs from the one
     with a companion on every sample by at most that share times the largest sample error,
     and still bounds the true error (the same draws solved finely)."""
-    from colaprob.estimators import statistics, streams
+    from colaprob.estimators import draws, statistics, streams
     from colaprob.estimators.conditional import conditional
     from colaprob.estimators.draws import UNESTIMATED_WEIGHT, draw, summarise
+
+    monkeypatch.setattr(draws, "ERROR_SUBSAMPLE_STRIDE", 1)  # a plain draw: every sample's companion
 
     model = _quadrature_model(posterior_widening=4.0)  # a wide proposal: uneven weights
     batch = make_batch([torch.tensor([0, 1, 2, 1]), torch.tensor([2, 2]), torch.tensor([1, 0, 0, 2])])
@@ -153,6 +155,41 @@ def test_importance_weighted_estimates_skip_the_companion_of_light_samples():
     fine = conditional(model, batch, torch.tensor([1, 1, 2]), K, method="rk4", steps=96, direct=False)
     for name in ("log_joint", "log_prefix"):
         assert bool((cond[f"{name}_solver_error"] >= np.abs(cond[name] - fine[name])).all()), name
+
+
+def test_the_elbo_estimates_its_error_from_every_eighth_sample(monkeypatch):
+    """The ELBO's solver error is the mean of the errors of samples 0, 8, 16, ... (the
+    companion runs on those alone, whatever the chunking), equal there to what the companion
+    of every sample reports; the other samples' errors are NaN, the block errors the mean
+    over the estimated samples, and the ELBO itself unchanged."""
+    from colaprob.estimators import draws
+
+    model = _quadrature_model()
+    batch = make_batch([torch.tensor([0, 1, 2, 1]), torch.tensor([2, 2]), torch.tensor([1, 0, 0, 2])])
+    solver = cnf.Solver(method="rk4", steps=3, solver_error=True)
+    K, rows = 20, []
+    velocity = model.prior_velocity
+
+    def counted(z, *args, **kwargs):  # the latent sequences each evaluation runs
+        rows.append(z.shape[:-2].numel())
+        return velocity(z, *args, **kwargs)
+
+    monkeypatch.setattr(model, "prior_velocity", counted)
+    sub = elbo(model, batch, K, solver=solver, chunk_size=3)
+    sub_rows, rows[:] = sum(rows), []
+    estimated = sub.prior_solver_error.notnull()
+    assert (estimated.values == (np.arange(K) % 8 == 0)[None]).all()
+    np.testing.assert_allclose(sub.log_likelihood_solver_error, sub.prior_solver_error.isel(sample=[0, 8, 16]).mean("sample"), rtol=1e-12)
+    monkeypatch.setattr(draws, "ERROR_SUBSAMPLE_STRIDE", 1)
+    every = elbo(model, batch, K, solver=solver, chunk_size=7)
+    assert every.prior_solver_error.notnull().all()
+    np.testing.assert_array_equal(sub.log_likelihood.values, every.log_likelihood.values)
+    np.testing.assert_allclose(sub.prior_solver_error.values[estimated.values], every.prior_solver_error.values[estimated.values], rtol=1e-9)
+    block_mean = every.block_prior_solver_error  # over all samples; the subsample's is over three
+    assert block_mean.dims == sub.block_prior_solver_error.dims and not np.allclose(block_mean, sub.block_prior_solver_error, equal_nan=True)
+    # The solve evaluates 20 samples; the companion (twice the steps) 3 of them, against 20.
+    solve_rows = 20 * 3 * 3 * 4  # samples x sequences x steps x rk4 stages
+    assert sub_rows == solve_rows + 2 * solve_rows * 3 // 20 and sum(rows) == 3 * solve_rows
 
 
 def test_task_scores_solve_the_companion_of_the_weight_carrying_samples_only(monkeypatch):
