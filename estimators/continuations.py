@@ -341,9 +341,8 @@ def _solver_errors(weights, solves: list[_Solves], solver: cnf.Solver, cost: _Co
             c = chunk.context
             rows = torch.nonzero(c.rows >= 0)[:, 0]
             unit = c.rows[rows]
-            wanted = torch.zeros(k, c.z0.shape[1], dtype=torch.bool)
-            for r, u in zip(rows.tolist(), unit.tolist()):
-                wanted[:, u] |= carry_context[:, r] | uses_context[:, r]
+            needs = (carry_context[:, rows] | uses_context[:, rows]).long()
+            wanted = torch.zeros(k, c.z0.shape[1], dtype=torch.long).index_add_(1, unit, needs) > 0  # any row of the unit
             errors, nfe = _companion(c, wanted, solver)
             cost.error_nfe += nfe
             context_error[column : column + k, rows] = (errors * c.blocks).sum(-1)[:, unit]
