@@ -1,5 +1,5 @@
-"""What the solver-error estimate of an importance-weighted estimate costs when only the
-samples that carry its weight get the companion solve.
+"""What the solver-error estimate costs when only some samples get the companion solve: the
+ones that carry an importance-weighted estimate's weight, every 8th of a plain average's.
 
 IWAE-K's solver error is the weight-averaged error of its samples (``statistics.solver_error``),
 so a sample with almost no self-normalised weight contributes almost nothing to it:
@@ -21,6 +21,13 @@ the two reported errors (how well the companion of every sample bounds the true 
 section 8's measurement; here the question is whether leaving the light samples out changes
 what is reported).
 
+The ELBO (a plain average, every sample weighs the same): ``elbo`` without the solver error,
+with the companion on every sample (as before), and with it on samples 0, 8, 16, ...
+(``draws.ERROR_SUBSAMPLE_STRIDE``; what ``elbo`` does now), on the same texts: CPU seconds,
+the extra cost of each over the solve, the companion's rows over the solve's, and the
+largest relative difference of the two reported errors (whether the subsample still bounds
+the true error is ``bench/elbo_error.py``'s question).
+
 Task scores (``continuation_log_prob``, what ``colaprob eval`` runs) on ``--items`` items of
 the embedded cloze (``colaprob.tasks.embedded_cloze``, 4 choices, shared context): CPU
 seconds without and with the estimate, and the DiT rows the companion added over the rows of
@@ -35,7 +42,7 @@ from __future__ import annotations
 import common
 import numpy as np
 
-from colaprob.estimators import cnf, iwae, statistics, streams
+from colaprob.estimators import cnf, draws, elbo, iwae, statistics, streams
 from colaprob.estimators.draws import draw, summarise
 
 
@@ -44,7 +51,7 @@ def main() -> None:
     p.add_argument("--sequences", type=int, default=2, help="held-out texts (default 2)")
     p.add_argument("--tokens", type=int, default=64, help="framed tokens per text (default 64: 4 blocks)")
     p.add_argument("--items", type=int, default=4, help="cloze items of the task-score table (default 4)")
-    p.add_argument("--tables", nargs="+", choices=("iwae", "task"), default=["iwae", "task"], help="which tables (default both)")
+    p.add_argument("--tables", nargs="+", choices=("iwae", "elbo", "task"), default=["iwae", "elbo", "task"], help="which tables (default all)")
     args = p.parse_args()
     common.start(args, "The solver-error estimate on the weight-carrying samples only")
     model, label = common.cola_model("tiny")
@@ -56,6 +63,10 @@ def main() -> None:
         print(f"IWAE: {len(batch)} held-out texts of {args.tokens} framed tokens.")
         print()
         iwae_scores(model, batch, keys, [(4, 1e-3)] if args.quick else [(16, 1e-3), (64, 1e-3), (16, 1e-4)], args.repeats)
+    if "elbo" in args.tables:
+        print(f"ELBO: {len(batch)} held-out texts of {args.tokens} framed tokens.")
+        print()
+        elbo_scores(model, batch, [(4, 1e-3)] if args.quick else [(16, 1e-3), (16, 1e-4), (64, 1e-3)], args.repeats)
     if "task" in args.tables:
         task_scores(model, 1 if args.quick else args.items, [(4, 1e-3)] if args.quick else [(16, 1e-3), (16, 1e-4)], args.repeats)
     common.finish()
@@ -96,6 +107,48 @@ def iwae_scores(model, batch, keys, grid, repeats: int) -> None:
         )
     columns = ["K", "tolerance", "no estimate CPU s", "every sample: extra", "weight-carrying: extra", "samples with a companion",
                "companion rows / solve's (every)", "(carrying)", "max rel. diff of errors", "max reported error"]
+    common.table(columns, rows)
+
+
+def elbo_scores(model, batch, grid, repeats: int) -> None:
+    rows = []
+    for K, tol in grid:
+        solver = cnf.Solver(rtol=tol, atol=tol, trace="hutchinson")
+        with_error = solver.replace(solver_error=True)
+
+        def every_sample():
+            stride, draws.ERROR_SUBSAMPLE_STRIDE = draws.ERROR_SUBSAMPLE_STRIDE, 1
+            try:
+                return elbo(model, batch, K, chunk_size=K, solver=with_error)
+            finally:
+                draws.ERROR_SUBSAMPLE_STRIDE = stride
+
+        variants = {
+            "no estimate": lambda: elbo(model, batch, K, chunk_size=K, solver=solver),
+            "every sample": every_sample,
+            "every 8th": lambda: elbo(model, batch, K, chunk_size=K, solver=with_error),
+        }
+        t = common.interleaved(variants, repeats)
+        full, sub = t["every sample"].result, t["every 8th"].result
+        base = t["no estimate"].median
+        e_full, e_sub = full["log_likelihood_solver_error"].values, sub["log_likelihood_solver_error"].values
+        share = float(sub["prior_solver_error"].notnull().mean())
+        rows.append(
+            [
+                K,
+                f"{tol:g}",
+                base,
+                t["every sample"].median / base - 1,
+                t["every 8th"].median / base - 1,
+                share,
+                full.attrs["solver_error_nfe"] / full.attrs["nfe"],
+                share * sub.attrs["solver_error_nfe"] / sub.attrs["nfe"],
+                float(np.max(np.abs(e_sub - e_full) / e_full)),
+                float(np.max(e_full)),
+            ]
+        )
+    columns = ["K", "tolerance", "no estimate CPU s", "every sample: extra", "every 8th: extra", "samples with a companion",
+               "companion rows / solve's (every)", "(every 8th)", "max rel. diff of errors", "max reported error"]
     common.table(columns, rows)
 
 
