@@ -57,7 +57,7 @@ def main() -> None:
     args = p.parse_args()
     common.start(args, "The ELBO's solver error from every 8th sample")
     if args.quick:
-        args.documents, args.samples, args.tolerances, args.reference_tolerance = 1, 16, [1e-3], 1e-5
+        args.documents, args.tokens, args.samples, args.tolerances, args.reference_tolerance = 1, 8, 8, [1e-2], 1e-4
     model, label = common.cola_model("tiny")
     batch = model.frame(common.texts_of_length(model, args.tokens, args.documents))
     keys = streams.sequence_keys(batch, None)

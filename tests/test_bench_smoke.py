@@ -106,6 +106,12 @@ def test_context_proposal_bench_compares_both_proposals():
 
 def test_weighted_error_bench_compares_the_companion_on_every_sample_and_on_the_carrying_ones():
     out = run_bench("weighted_error.py")
-    row = next(line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 4 "))  # the IWAE table
-    share = float(row[5])
+    iwae_row, elbo_row, _ = (line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 4 "))  # K = 4; tasks last
+    share = float(iwae_row[5])
     assert "weight-carrying: extra" in out and 0 < share <= 1
+    assert "every 8th: extra" in out and float(elbo_row[5]) == 0.25  # sample 0 of 4
+
+
+def test_elbo_error_bench_checks_the_subsampled_estimate_against_a_reference():
+    out = run_bench("elbo_error.py")
+    assert "draws 0, 8, ...: bounds" in out and "median reported / true" in out
