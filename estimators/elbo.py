@@ -27,8 +27,9 @@ def elbo(
     ``solver``: how the prior's CNF is solved (``cnf.Solver``; or its fields as keywords:
     ``trace``, ``method``, ``rtol``, ``atol``, ``steps``, ``n_probes``, ``probe``,
     ``vjp_chunk``, ``solver_error``: True to estimate the prior's solver error by a finer
-    companion solve, which costs 1.3 to 2.9 times the solve itself, see BENCHMARKS.md;
-    ``colaprob score`` always does). ``sequence_ids`` ([B] non-negative integers, default
+    companion solve of samples 0, 8, 16, ... (``draws.ERROR_SUBSAMPLE_STRIDE``), which on the
+    embedded model costs 0.23-0.43 times the solve itself, see BENCHMARKS.md section 10;
+    ``colaprob score`` does unless ``--no-solver-error``). ``sequence_ids`` ([B] non-negative integers, default
     the row index) key each sequence's random stream.
 
     Returns an ``xarray.Dataset`` over ``sequence`` (coordinate: the keys), ``sample``,
@@ -38,8 +39,9 @@ def elbo(
     sample means ``token_decoder_log_prob`` and ``block_prior_log_prob`` (NaN where not
     counted), and the proposal's importance diagnostics ``ess``, ``khat``,
     ``khat_threshold``, ``khat_computable``; with the solver error ``log_likelihood_solver_error``
-    (nats, apart from the Monte Carlo ``log_likelihood_se``), per sample
-    ``prior_solver_error`` and per block ``block_prior_solver_error``; ``attrs``: estimator,
+    (nats, apart from the Monte Carlo ``log_likelihood_se``; the mean over the estimated
+    samples), per sample ``prior_solver_error`` (NaN for the samples not estimated) and per
+    block ``block_prior_solver_error``; ``attrs``: estimator,
     trace, solver, tolerances, K, seed, nfe (of the solves; ``solver_error_nfe`` of the
     estimate).
     """
