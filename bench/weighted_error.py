@@ -73,83 +73,61 @@ def main() -> None:
 
 
 def iwae_scores(model, batch, keys, grid, repeats: int) -> None:
-    rows = []
-    for K, tol in grid:
-        solver = cnf.Solver(rtol=tol, atol=tol, trace="hutchinson")
-        with_error = solver.replace(solver_error=True)
+    def every_sample(K, solver):
+        d = draw(model, batch, K, keys=keys, seed=0, chunk_size=K, solver=solver)
+        return summarise(model, batch, keys, d, statistics.log_mean_exp, statistics.log_mean_exp_se, "IWAE", 0, K, weighted=True)
 
-        def every_sample():
-            d = draw(model, batch, K, keys=keys, seed=0, chunk_size=K, solver=with_error)
-            return summarise(model, batch, keys, d, statistics.log_mean_exp, statistics.log_mean_exp_se, "IWAE", 0, K, weighted=True)
-
-        variants = {
-            "no estimate": lambda: iwae(model, batch, K, chunk_size=K, solver=solver),
-            "every sample": every_sample,
-            "weight-carrying": lambda: iwae(model, batch, K, chunk_size=K, solver=with_error),
-        }
-        t = common.interleaved(variants, repeats)
-        full, weighted = t["every sample"].result, t["weight-carrying"].result
-        base = t["no estimate"].median
-        e_full, e_weighted = full["log_likelihood_solver_error"].values, weighted["log_likelihood_solver_error"].values
-        rows.append(
-            [
-                K,
-                f"{tol:g}",
-                base,
-                t["every sample"].median / base - 1,
-                t["weight-carrying"].median / base - 1,
-                float(weighted["prior_solver_error"].notnull().mean()),
-                full.attrs["solver_error_nfe"] / full.attrs["nfe"],
-                float(weighted["prior_solver_error"].notnull().mean()) * weighted.attrs["solver_error_nfe"] / weighted.attrs["nfe"],
-                float(np.max(np.abs(e_weighted - e_full) / e_full)),
-                float(np.max(e_full)),
-            ]
-        )
-    columns = ["K", "tolerance", "no estimate CPU s", "every sample: extra", "weight-carrying: extra", "samples with a companion",
-               "companion rows / solve's (every)", "(carrying)", "max rel. diff of errors", "max reported error"]
-    common.table(columns, rows)
+    subset_table(model, batch, grid, repeats, iwae, every_sample, "weight-carrying", "(carrying)")
 
 
 def elbo_scores(model, batch, grid, repeats: int) -> None:
+    subset_table(model, batch, grid, repeats, elbo, lambda K, solver: elbo(model, batch, K, chunk_size=K, solver=solver), "every 8th", "(every 8th)")
+
+
+def subset_table(model, batch, grid, repeats: int, estimate, every_sample, subset: str, rows_label: str) -> None:
+    """Per (K, tolerance): ``estimate`` without the solver error, ``every_sample(K, solver)``
+    (the same draws with the companion on every sample) and ``estimate`` with it on its
+    ``subset`` of samples; the table's columns."""
     rows = []
     for K, tol in grid:
         solver = cnf.Solver(rtol=tol, atol=tol, trace="hutchinson")
         with_error = solver.replace(solver_error=True)
-
-        def every_sample():
-            stride, draws.ERROR_SUBSAMPLE_STRIDE = draws.ERROR_SUBSAMPLE_STRIDE, 1
-            try:
-                return elbo(model, batch, K, chunk_size=K, solver=with_error)
-            finally:
-                draws.ERROR_SUBSAMPLE_STRIDE = stride
-
         variants = {
-            "no estimate": lambda: elbo(model, batch, K, chunk_size=K, solver=solver),
-            "every sample": every_sample,
-            "every 8th": lambda: elbo(model, batch, K, chunk_size=K, solver=with_error),
+            "no estimate": lambda: estimate(model, batch, K, chunk_size=K, solver=solver),
+            "every sample": lambda: companion_on_every_sample(lambda: every_sample(K, with_error)),
+            subset: lambda: estimate(model, batch, K, chunk_size=K, solver=with_error),
         }
         t = common.interleaved(variants, repeats)
-        full, sub = t["every sample"].result, t["every 8th"].result
+        full, part = t["every sample"].result, t[subset].result
         base = t["no estimate"].median
-        e_full, e_sub = full["log_likelihood_solver_error"].values, sub["log_likelihood_solver_error"].values
-        share = float(sub["prior_solver_error"].notnull().mean())
+        e_full, e_part = full["log_likelihood_solver_error"].values, part["log_likelihood_solver_error"].values
+        share = float(part["prior_solver_error"].notnull().mean())
         rows.append(
             [
                 K,
                 f"{tol:g}",
                 base,
                 t["every sample"].median / base - 1,
-                t["every 8th"].median / base - 1,
+                t[subset].median / base - 1,
                 share,
                 full.attrs["solver_error_nfe"] / full.attrs["nfe"],
-                share * sub.attrs["solver_error_nfe"] / sub.attrs["nfe"],
-                float(np.max(np.abs(e_sub - e_full) / e_full)),
+                share * part.attrs["solver_error_nfe"] / part.attrs["nfe"],
+                float(np.max(np.abs(e_part - e_full) / e_full)),
                 float(np.max(e_full)),
             ]
         )
-    columns = ["K", "tolerance", "no estimate CPU s", "every sample: extra", "every 8th: extra", "samples with a companion",
-               "companion rows / solve's (every)", "(every 8th)", "max rel. diff of errors", "max reported error"]
+    columns = ["K", "tolerance", "no estimate CPU s", "every sample: extra", f"{subset}: extra", "samples with a companion",
+               "companion rows / solve's (every)", rows_label, "max rel. diff of errors", "max reported error"]
     common.table(columns, rows)
+
+
+def companion_on_every_sample(fn):
+    """``fn()`` with a plain draw's companion on every sample (the stride set to 1)."""
+    stride, draws.ERROR_SUBSAMPLE_STRIDE = draws.ERROR_SUBSAMPLE_STRIDE, 1
+    try:
+        return fn()
+    finally:
+        draws.ERROR_SUBSAMPLE_STRIDE = stride
 
 
 def task_scores(model, n_items: int, grid, repeats: int) -> None:
