@@ -202,7 +202,7 @@ ERROR_SUBSAMPLE_STRIDE = 8
 def error_subsample(indices: range, batch_size: int) -> Tensor:
     """[k, B] bool: the samples of ``indices`` whose error a plain average estimates (sample
     index a multiple of ``ERROR_SUBSAMPLE_STRIDE``), the same in every row and chunk."""
-    chosen = torch.tensor([k % ERROR_SUBSAMPLE_STRIDE == 0 for k in indices])
+    chosen = torch.tensor(indices) % ERROR_SUBSAMPLE_STRIDE == 0
     return chosen[:, None].expand(len(indices), batch_size)
 
 
@@ -279,9 +279,12 @@ def draw(
         sums["block_prior_solver_error_samples"] = torch.zeros(B, n_blocks, dtype=torch.float64)
     nfe, error_nfe, per_block_terms, latents, solves = 0, 0, {}, [], []
 
-    def error_terms(block_error: Tensor, error: Tensor) -> dict[str, Tensor]:
-        """A chunk's per-sample error terms from its [k, B, n_blocks] and [k, B] errors (NaN
-        where not estimated); adds the blocks' to ``sums``."""
+    def companion_terms(u: Tensor, r: cnf.BlockLogProb, flow: dict, select: Tensor) -> dict[str, Tensor]:
+        """A chunk's per-sample error terms, from the companion solve of its samples
+        ``select`` [k, B] (NaN elsewhere); adds the blocks' to ``sums``."""
+        nonlocal error_nfe
+        block_error, error, companion_nfe = cnf.block_causal_solver_error(model.prior_velocity, u, bs, r, select.to(device), **{**flow, "solver": solver})
+        error_nfe += companion_nfe
         block_error, error = block_error.cpu(), error.cpu()
         estimated = ~block_error.isnan()
         sums["block_prior_solver_error"] += block_error.nan_to_num().sum(0)
@@ -306,7 +309,7 @@ def draw(
         flow = dict(prefix_len=pinned.to(device).expand(shape), lengths=lengths.to(device).expand(shape), probes=probes, seed=seed, solver=main_solver)
         u = to_prior_space(model, z)
         r = cnf.block_causal_log_prob(model.prior_velocity, u, bs, **flow)
-        nfe, error_nfe = nfe + r.nfe, error_nfe + r.error_nfe
+        nfe += r.nfe
         if deferred:
             solves.append((u, r, flow))
         block_prior = r.block_logp.cpu() + jacobian  # [k, B, n_blocks], on z
@@ -322,10 +325,7 @@ def draw(
         if hutchinson:
             terms["prior_probe_se"] = r.logp_se.cpu()
         if with_error and not deferred:
-            select = error_subsample(indices, B).to(device)
-            block_error, error, companion_nfe = cnf.block_causal_solver_error(model.prior_velocity, u, bs, r, select, **{**flow, "solver": solver})
-            error_nfe += companion_nfe
-            terms |= error_terms(block_error, error)
+            terms |= companion_terms(u, r, flow, error_subsample(indices, B))
         for name, value in terms.items():
             per_sample.setdefault(name, []).append(value.T)
         sums["token_decoder"] += (decoder * counted_tokens).sum(0)
@@ -342,10 +342,7 @@ def draw(
             carrying |= weight_carrying(per_sample["decoder_prefix"] + per_sample["prior_prefix"] - per_sample["posterior_prefix"])
         parts, column = {}, 0
         for u, r, flow in solves:
-            select = carrying[:, column : column + u.shape[0]].T.to(device)
-            block_error, error, companion_nfe = cnf.block_causal_solver_error(model.prior_velocity, u, bs, r, select, **{**flow, "solver": solver})
-            error_nfe += companion_nfe
-            for name, value in error_terms(block_error, error).items():
+            for name, value in companion_terms(u, r, flow, carrying[:, column : column + u.shape[0]].T).items():
                 parts.setdefault(name, []).append(value.T)
             column += u.shape[0]
         per_sample |= {name: torch.cat(values, 1) for name, values in parts.items()}

@@ -162,7 +162,7 @@ def add_solver_error_options(group, unit: str) -> None:
         "--no-solver-error",
         action="store_true",
         help="skip the second, finer ODE solve that estimates each number's solver error in nats (on the embedded "
-        "model it adds 0.2-0.45x to the solve); the table then says the error was not estimated",
+        "model it adds 0.23-0.43x to the solve); the table then says the error was not estimated",
     )
     group.add_argument(
         "--target-error",
